@@ -1,0 +1,22 @@
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-unit image lint clean
+
+install:  ## create .venv and install gnr (editable) with dev extras
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+
+test:  ## the whole suite (unit + integration)
+	$(BIN)/pytest -q
+
+test-unit:
+	$(BIN)/pytest -q tests/unit
+
+image:  ## container image for the cluster
+	docker build -t gnr:$$($(BIN)/python -c 'import gnr; print(gnr.__version__)') .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

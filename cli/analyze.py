@@ -1,0 +1,5 @@
+"""`gnr analyze ...` (being written)."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

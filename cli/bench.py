@@ -1,0 +1,50 @@
+"""`gnr bench loader|step`: throughput measurements printed as JSON."""
+
+from typing import Optional
+
+import typer
+
+from cli.common import parse_csv, print_json
+
+app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step.", no_args_is_help=True)
+
+
+@app.command("loader")
+def loader(
+    data: str = typer.Option(..., "--data", help="ImageNet-style folder (ROOT/<wnid>/*.JPEG) or shard directory."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(1, "--workers"),
+    img_size: int = typer.Option(224, "--img-size"),
+    batches: int = typer.Option(8, "--batches", help="Batches timed per pipeline."),
+) -> None:
+    """Images/s of gnr's WebDataset train pipeline beside torchvision ImageFolder, same files and transforms."""
+    from gnr.bench.loader import bench_loader
+
+    print_json(bench_loader(data, batch_size=batch_size, workers=workers, img_size=img_size, batches=batches))
+
+
+@app.command("step")
+def step(
+    model: str = typer.Option("resnet18", "--model"),
+    img_size: int = typer.Option(224, "--img-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    methods: str = typer.Option("natural,gradnorm,gradnorm-fd,adversarial", "--methods"),
+    act: str = typer.Option("keep", "--act"),
+    device: str = typer.Option("auto", "--device"),
+    amp: str = typer.Option("auto", "--amp", help="auto | bf16 | fp16 | none"),
+    steps: int = typer.Option(5, "--steps", help="Timed steps per method."),
+    warmup: int = typer.Option(2, "--warmup"),
+    as_json: bool = typer.Option(True, "--json/--table"),
+) -> None:
+    """Seconds per optimizer step for each method and the ratio to natural, in one process."""
+    from gnr.bench.step import bench_step
+
+    result = bench_step(model=model, img_size=img_size, batch_size=batch_size, methods=parse_csv(methods),
+                        act=act, device=device, amp=amp, steps=steps, warmup=warmup)
+    if as_json:
+        print_json(result)
+    else:
+        from cli.render import bench_table
+        from cli.common import console
+
+        console.print(bench_table(result))

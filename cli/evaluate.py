@@ -1,0 +1,5 @@
+"""`gnr evaluate` (being written)."""
+
+
+def evaluate() -> None:
+    """(being written)"""

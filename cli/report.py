@@ -1,0 +1,5 @@
+"""`gnr report` (being written)."""
+
+
+def report() -> None:
+    """(being written)"""

@@ -1,0 +1,5 @@
+"""`gnr submit` (being written)."""
+
+
+def submit() -> None:
+    """(being written)"""

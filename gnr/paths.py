@@ -1,0 +1,28 @@
+"""Where gnr keeps local state on a laptop: MLflow store, demo shards, checkpoints.
+
+Everything lives under ``$GNR_HOME`` (default ``~/.gnr``) so that one variable moves or isolates it
+(tests point it at a temporary directory).
+"""
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("GNR_HOME", Path.home() / ".gnr")).expanduser()
+
+
+def demo_data_dir() -> Path:
+    return home() / "data" / "demo"
+
+
+def local_tracking_uri() -> str:
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def local_artifact_root() -> Path:
+    return home() / "artifacts"
+
+
+def checkpoint_root() -> Path:
+    return home() / "checkpoints"
