@@ -1,5 +1,105 @@
-"""`gnr evaluate` (being written)."""
+"""`gnr eval`: clean / PGD / AutoAttack accuracy of a run, logged back into the same MLflow run."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import SET_HELP, console, err_console, parse_csv, print_json
 
 
-def evaluate() -> None:
-    """(being written)"""
+def evaluate(
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="MLflow run whose weights to evaluate.",
+                                         envvar="GNR_RUN_ID"),
+    weights: str = typer.Option("ema", "--weights", help="ema | raw (the run's) or a local .safetensors/.pt file "
+                                "(evaluated as a new run; pair with --model / --preset / --set)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Shard directory or URL prefix. Default: the run's."),
+    split: Optional[str] = typer.Option(None, "--split", help="Default: the run's data.val_split."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="robustbench (the 5000 RobustBench ImageNet ids) or a file."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Evaluate the first N images."),
+    attacks: str = typer.Option("clean,pgd10,autoattack", "--attacks", help="Any of clean, pgd<steps>, autoattack."),
+    eps: str = typer.Option("1,2,4", "--eps", help="L∞ budgets in 1/255."),
+    batch_size: int = typer.Option(100, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --weights PATH: the timm model name."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="With --weights PATH: preset for data / model."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="With --weights PATH: experiment of the new run."),
+    submit: bool = typer.Option(False, "--submit", help="Run this evaluation as a cluster job instead."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="With --submit: GPUs (torchrun processes)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="With --submit: Kubernetes namespace."),
+    image: Optional[str] = typer.Option(None, "--image", help="With --submit: container image."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --submit: print what would be submitted."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
+    from gnr.errors import GnrError
+    from gnr.evaluate import EvalSpec, parse_attacks, parse_eps
+
+    external = weights not in ("ema", "raw")
+    if not external and not run_id:
+        raise GnrError("name the run to evaluate with --run-id ID (or pass --weights PATH)")
+    spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)),
+                    weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
+                    batch_size=batch_size, device=device, seed=seed)
+    if submit:
+        return _submit(run_id, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
+
+    on_batch, progress = _progress_bar(as_json)
+    with progress:
+        if external:
+            from gnr.config import build_config
+            from gnr.evaluate import evaluate_external
+
+            cfg = build_config(preset=preset, overrides=overrides, fields={
+                "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
+            result = evaluate_external(Path(weights), cfg, spec, on_batch=on_batch)
+        else:
+            from gnr.evaluate import evaluate as run_eval
+
+            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch)
+    if not result.is_main:
+        return
+    if as_json:
+        print_json(result.summary())
+    else:
+        from cli.render import eval_summary
+
+        console.print(eval_summary(result))
+
+
+def _progress_bar(quiet: bool):
+    """A rich progress bar (images/s, running accuracies) on stderr, or nothing for --json."""
+    from contextlib import nullcontext
+
+    if quiet:
+        return None, nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+                        TimeElapsedColumn(), TextColumn("{task.fields[acc]}"), console=err_console, transient=True)
+    task = progress.add_task("eval", total=None, speed="", acc="")
+
+    def on_batch(p) -> None:
+        acc = "  ".join(f"{k} {100 * v:.1f}%" for k, v in p.accuracy.items())
+        speed = "resumed" if p.resumed else f"{p.images_per_s:.1f} img/s"
+        progress.update(task, completed=p.done, total=p.total, speed=speed, acc=acc)
+
+    return on_batch, progress
+
+
+def _submit(run_id: Optional[str], **options) -> None:
+    import sys
+
+    from gnr.errors import GnrError
+
+    try:
+        from cli.submit import submit_eval
+    except ImportError:
+        raise GnrError("gnr eval --submit is not available yet (cli.submit has no submit_eval)") from None
+    if not run_id:
+        raise GnrError("--submit evaluates a run: pass --run-id")
+    extra = [a for a in sys.argv[2:] if a not in ("--submit", "--dry-run")]
+    console.print(submit_eval(run_id, extra_args=extra, **options))

@@ -58,9 +58,13 @@ def train(
     from gnr.train import train as run_training
 
     result = run_training(cfg)
+    if not result.is_main:
+        return
     if as_json:
         print_json(result.summary())
-    elif result.is_main:
+    else:
         from cli.render import run_summary
 
         console.print(run_summary(result))
+    if result.status == "KILLED":
+        raise typer.Exit(130)

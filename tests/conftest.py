@@ -105,3 +105,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str = "") -
     msg = proc.stderr.strip()
     assert msg and len(msg.splitlines()) <= 2, msg
     assert needle.lower() in msg.lower(), msg
+
+
+@pytest.fixture(scope="session")
+def demo_run(mlflow_server, tmp_path_factory) -> dict:
+    """A short gradnorm run of the demo preset, logged to the real MLflow server (shared, read-only)."""
+    import json
+
+    home = tmp_path_factory.mktemp("demo-run-home")
+    proc = run_gnr("train", "gradnorm", "--max-steps", "12", "--tracking-uri", mlflow_server,
+                   "--experiment", "tests", "--json", env={"GNR_HOME": str(home)}, check=True)
+    summary = json.loads(proc.stdout)
+    return {"run_id": summary["run_id"], "uri": mlflow_server, "home": home, "summary": summary}

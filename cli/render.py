@@ -1,0 +1,84 @@
+"""Rich renderings of core results (the core returns data; only the CLI draws)."""
+
+from rich.table import Table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_summary(result) -> Table:
+    status_style = {"FINISHED": "green", "KILLED": "yellow"}.get(result.status, "red")
+    table = Table(title=f"gnr train {result.method}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("run id", result.run_id),
+        ("status", f"[{status_style}]{result.status}[/]"),
+        ("model", f"{result.model} (act: {result.act})"),
+        ("steps / epochs", f"{result.steps} / {result.epochs:.2f}"),
+        ("seconds per step", _fmt(result.sec_per_step)),
+        ("wall time", f"{result.elapsed_s:.1f} s"),
+    ]
+    rows += [(name.replace("holdout/", "held-out "), _fmt(v)) for name, v in result.metrics.items()
+             if name.startswith("holdout/")]
+    rows += [("tracking", result.tracking_uri), ("open the UI", f"[cyan]{result.ui_command}[/]")]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def bench_table(result: dict) -> Table:
+    table = Table(title=f"gnr bench step: {result.get('model')} on {result.get('device')}")
+    for col in ("method", "sec/step", "x natural", "passes"):
+        table.add_column(col)
+    for method, row in result["methods"].items():
+        table.add_row(method, _fmt(row["sec_per_step"]), _fmt(row.get("ratio_to_natural", float("nan"))),
+                      _fmt(row.get("passes", "")))
+    return table
+
+
+def eval_summary(result):
+    """Accuracy per measure, then the sanity verdict: failed checks are shown in red, one per line."""
+    from rich.console import Group
+    from rich.text import Text
+
+    table = Table(title=f"gnr eval: {result.n} images, {result.weights} weights", title_justify="left",
+                  caption=f"run {result.run_id}", caption_justify="left")
+    table.add_column("measure")
+    table.add_column("accuracy %", justify="right")
+    for name, acc in result.accuracy.items():
+        table.add_row(name, f"{100 * acc:.2f}")
+    lines = [table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
+                         f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with {result.metric_prefix}/per_image.csv")]
+    if result.warnings:
+        lines += [Text(f"warning: {w}", style="bold red") for w in result.warnings]
+    else:
+        lines.append(Text("sanity checks passed (large-ε accuracy ~0, more steps and AutoAttack not above PGD)",
+                          style="green"))
+    return Group(*lines)
+
+
+def report_table(table) -> Table:
+    out = Table(title=table.title, title_justify="left", caption="\n".join(table.notes) or None)
+    for col in table.columns:
+        out.add_column(col, justify="left" if col in ("run", "method", "model", "act", "sanity") else "right")
+    for row in table.rows:
+        out.add_row(*row)
+    return out
+
+
+def key_values(title: str, values: dict) -> Table:
+    """A two-column table of an analysis' numbers (nested dicts flattened one level)."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in values.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                table.add_row(f"{name} {sub}", _fmt(v))
+        else:
+            table.add_row(name, _fmt(value))
+    return table

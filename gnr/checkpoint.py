@@ -1,0 +1,61 @@
+"""Atomic checkpoints: written to a temp file and renamed, so a crash never leaves a torn one.
+
+A checkpoint is a plain dict of tensors and Python scalars (model, EMA, optimizer, scheduler, scaler,
+RNG states, data position, config), loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREFIX = "step-"
+
+
+def save(state: dict, directory: Path, step: int, keep_last: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{PREFIX}{step:09d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(directory.glob(f"{PREFIX}*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def latest(directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{PREFIX}*.pt")) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every RNG the training step touches: torch (CPU + CUDA), NumPy (timm Mixup), Python."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gauss": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

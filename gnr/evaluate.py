@@ -1,0 +1,518 @@
+"""Robust accuracy of a trained model: clean, PGD-k and AutoAttack, sharded over ranks and resumable.
+
+``evaluate(run_id, spec)`` loads the run's exported weights, attacks every selected image exactly
+once (split across ``torchrun`` ranks, results gathered on rank 0), keeps each batch's per-image
+results on disk so that an interrupted evaluation continues where it stopped, runs the Carlini et
+al. (2019) sanity checks, and logs metrics, tags and a per-image CSV into the same MLflow run.
+
+All attacks run in fp32 (PAPER.md §4 settings): reduced precision can round small input gradients
+to zero and make a model look more robust than it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from gnr import distributed, paths
+from gnr.config import RunConfig
+from gnr.errors import GnrError
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+ATTACK_RE = re.compile(r"^(clean|pgd([1-9]\d*)|autoattack)$")
+# Carlini et al. 2019: an unbounded-enough attack must reach ~0 accuracy; more steps or a stronger
+# attack must not raise it. SLACK absorbs random-start noise between two attacks.
+SANITY_EPS = 64.0
+SANITY_MAX_ACC = 0.05
+SLACK = 0.005
+
+
+def pgd_step(eps: float) -> float:
+    """PGD step in pixels for a budget ``eps`` in pixels: the paper's 1/255 (PAPER.md §4), but ε/4 where
+    that is larger, so a 10-step attack can cross the whole ball at the large sanity ε."""
+    return max(1 / 255, eps / 4)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One column of the per-image results: an attack at a budget ``eps`` (in 1/255)."""
+
+    attack: str
+    eps: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "clean" if self.attack == "clean" else f"{self.attack}/eps{self.eps:g}"
+
+    @property
+    def sanity(self) -> bool:
+        return self.eps >= SANITY_EPS
+
+
+def parse_attacks(names: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    bad = [n for n in names if not ATTACK_RE.match(n)]
+    if bad or not names:
+        raise GnrError(f"unknown attack '{(bad or [''])[0]}' (choose from clean, pgd<steps> e.g. pgd10, autoattack)")
+    return names
+
+
+def parse_eps(values: Iterable[str]) -> tuple[float, ...]:
+    """Budgets in 1/255 (``"4"`` or ``"4/255"``)."""
+    out = []
+    for v in values:
+        text = v.strip().removesuffix("/255")
+        try:
+            eps = float(text)
+        except ValueError:
+            raise GnrError(f"--eps takes numbers in 1/255, e.g. 1,2,4 (got '{v.strip()}')") from None
+        if not 0 < eps <= 255:
+            raise GnrError(f"--eps must be in (0, 255] (in 1/255), got {v.strip()}")
+        out.append(eps)
+    if not out:
+        raise GnrError("--eps needs at least one budget, e.g. 4")
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate: attacks × budgets on which images, with which weights."""
+
+    attacks: tuple[str, ...] = ("clean", "pgd10", "autoattack")
+    eps: tuple[float, ...] = (1.0, 2.0, 4.0)
+    weights: str = "ema"
+    data: str | None = None
+    split: str | None = None
+    ids: str | None = None
+    n: int | None = None
+    batch_size: int = 100
+    device: str = "auto"
+    seed: int = 0
+
+    def measures(self) -> list[Measure]:
+        """Requested columns, plus PGD-10 at ε = 64/255 for the large-ε sanity check."""
+        out = [Measure("clean")] if "clean" in self.attacks else []
+        out += [Measure(a, e) for a in self.attacks if a != "clean" for e in self.eps]
+        if any(a != "clean" for a in self.attacks):
+            out.append(Measure("pgd10", SANITY_EPS))
+        return list(dict.fromkeys(out))
+
+
+# -- model and images ---------------------------------------------------------------------------
+
+def build_evaluated_model(cfg: RunConfig, weights_file: str | Path, device: torch.device) -> nn.Module:
+    """The run's architecture with ``weights_file`` loaded, in eval mode, parameters frozen."""
+    from gnr.models import build_model
+
+    model_cfg = cfg.model.model_copy(update={"pretrained": False, "weights": str(weights_file)})
+    model, _ = build_model(model_cfg, cfg.data.num_classes, cfg.data.img_size)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_run_model(run_id: str, weights: str = "ema", uri: str | None = None,
+                   device: torch.device | str = "cpu") -> tuple[nn.Module, RunConfig]:
+    """A run's trained model (``ema`` or ``raw`` weights from MLflow) and the config it was trained with."""
+    from gnr.tracking import download_weights, load_run_config
+
+    if weights not in ("ema", "raw"):
+        raise GnrError(f"--weights is ema, raw or a local file (got '{weights}')")
+    cfg = load_run_config(run_id, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_weights(run_id, weights, tmp, uri)
+        return build_evaluated_model(cfg, path, torch.device(device)), cfg
+
+
+def load_ids(ids: str) -> list[str]:
+    """``robustbench`` (the shipped 5000 RobustBench ImageNet ids) or a file with one id per line."""
+    if ids == "robustbench":
+        text = (resources.files("gnr.assets") / "imagenet_test_image_ids.txt").read_text()
+    else:
+        path = Path(ids)
+        if not path.is_file():
+            raise GnrError(f"--ids: no such file {path} (or use --ids robustbench)")
+        text = path.read_text()
+    return [normalise_id(line) for line in text.splitlines() if line.strip()]
+
+
+def normalise_id(key: str) -> str:
+    """Ids and shard keys compare without image extension: ``n01440764/ILSVRC2012_val_00000293``."""
+    key = key.strip()
+    stem, dot, ext = key.rpartition(".")
+    return stem if dot and ext.lower() in ("jpeg", "jpg", "png", "webp") else key
+
+
+def resolved_data(cfg: RunConfig, data: str | None = None, is_main: bool = True) -> RunConfig:
+    """A copy of ``cfg`` reading ``data`` (default: the run's own source); rank 0 builds it if needed."""
+    from gnr.data.loader import resolve_source
+
+    out = cfg.model_copy(deep=True)
+    source = data or cfg.data.source
+    if is_main:
+        resolve_source(source)
+    distributed.barrier()
+    out.data.source = resolve_source(source)
+    return out
+
+
+def image_batches(cfg: RunConfig, *, split: str | None = None, ids: str | None = None, n: int | None = None,
+                  batch_size: int = 100, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """This rank's share of the evaluated images: ``split`` of ``cfg.data.source``, restricted to ``ids``
+    (first ``n`` of the list) or to the first ``n`` images."""
+    from gnr.data.loader import eval_loader
+
+    if ids is None:
+        yield from eval_loader(cfg, split=split, rank=rank, world=world, limit=n, batch_size=batch_size)
+        return
+    wanted = set(load_ids(ids)[:n])
+    kept: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+    for x, y, keys in eval_loader(cfg, split=split, rank=rank, world=world, batch_size=batch_size):
+        kept += [(x[i], y[i], k) for i, k in enumerate(keys) if normalise_id(k) in wanted]
+        while len(kept) >= batch_size:
+            yield _stack(kept[:batch_size])
+            kept = kept[batch_size:]
+    if kept:
+        yield _stack(kept)
+
+
+def _stack(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]), [i[2] for i in items]
+
+
+# -- attacks ------------------------------------------------------------------------------------
+
+def predicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, measure: Measure, seed: int,
+                   aa_log: list[str]) -> torch.Tensor:
+    """Per image: is it classified correctly and does it survive ``measure``'s attack?"""
+    from gnr.attacks import pgd
+
+    if measure.attack == "clean":
+        return predicts(model, x, y)
+    eps = measure.eps / 255
+    if measure.attack == "autoattack":
+        return autoattack_correct(model, x, y, eps=eps, seed=seed, log=aa_log)
+    steps = int(measure.attack.removeprefix("pgd"))
+    x_adv = pgd(model, x, y, eps=eps, step_size=pgd_step(eps), steps=steps, random_start=True)
+    return predicts(model, x, y) & predicts(model, x_adv, y)
+
+
+def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int,
+                       log: list[str] | None = None) -> torch.Tensor:
+    """pyautoattack's standard L∞ evaluation of one batch: its own robust flags, unchanged.
+
+    ``y_adv`` holds the clean prediction where no attack succeeded and the adversarial one where an
+    attack did, so ``y_adv == y`` is exactly AutoAttack's robust-accuracy flag per image. Its
+    warnings (randomised / dynamic model, zero gradients, Square beating the white-box attacks) are
+    collected into ``log`` instead of being printed mid-progress-bar.
+    """
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+    with _collect_warnings("auto-attack", log if log is not None else []):
+        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
+    return y_adv == y
+
+
+@contextmanager
+def _collect_warnings(logger_name: str, into: list[str]):
+    class Collect(logging.Handler):
+        def emit(self, record):
+            into.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler = Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """A fixed RNG stream for one batch (PGD random starts), leaving the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+# -- per-batch results on disk ------------------------------------------------------------------
+
+class BatchCache:
+    """Per-image results of finished batches, one JSON file per batch, written atomically.
+
+    Rows are keyed by image id, so a rerun (same or different number of ranks) skips every batch
+    whose images already carry every requested measure.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        for path in sorted(self.root.glob("batch-*.json")):
+            for row in json.loads(path.read_text()):
+                rows.setdefault(row["id"], {}).update(row)
+        return rows
+
+    def write(self, rows: list[dict]) -> Path:
+        digest = hashlib.sha1("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
+        names = sorted(k for k in rows[0] if k not in ("id", "label"))
+        path = self.root / f"batch-{digest}-{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(rows))
+        os.replace(tmp, path)
+        return path
+
+
+def cache_dir(identity: dict) -> Path:
+    """``$GNR_HOME/eval/<run id>/<hash of what makes a per-image result valid>``.
+
+    Batch size, ``--n`` and ``--ids`` only choose images, so they are not part of the hash: a
+    larger evaluation reuses a smaller one's images.
+    """
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return paths.home() / "eval" / identity["run_id"] / digest
+
+
+# -- the evaluation -----------------------------------------------------------------------------
+
+@dataclass
+class BatchProgress:
+    """Reported after each batch on rank 0 (its own share of the images)."""
+
+    done: int
+    total: int
+    images_per_s: float
+    accuracy: dict[str, float]
+    resumed: bool
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    weights: str
+    n: int
+    accuracy: dict[str, float]
+    warnings: list[str]
+    batches: int
+    resumed_batches: int
+    elapsed_s: float
+    csv_path: str
+    metric_prefix: str
+    is_main: bool = True
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "is_main"}
+
+
+def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
+             on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
+    """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
+    from gnr.tracking import download_weights, load_run_config
+
+    dist = distributed.init(spec.device)
+    try:
+        cfg = load_run_config(run_id, uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_file = download_weights(run_id, spec.weights, tmp, uri)
+            model = build_evaluated_model(cfg, weights_file, dist.device)
+        identity = {"run_id": run_id, "weights": spec.weights}
+        return _run(model, cfg, run_id, identity, spec, dist, uri, on_batch)
+    finally:
+        distributed.close()
+
+
+def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
+                      on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
+    """Evaluate a checkpoint from elsewhere (timm, RobustBench) with ``cfg``'s model and data, as a new run."""
+    from gnr.tracking import RunWriter, create_run
+
+    path = Path(weights_file).resolve()
+    if not path.is_file():
+        raise GnrError(f"weights file not found: {path}")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "weights": str(path)})})
+    dist = distributed.init(spec.device)
+    writer = None
+    status = "FAILED"
+    try:
+        model = build_evaluated_model(cfg, path, dist.device)  # a bad file fails before a run exists
+        run_id = create_run(cfg, tags={"source": "external", "weights_file": str(path)}, status="RUNNING") \
+            if dist.is_main else None
+        run_id = distributed.broadcast_object(run_id)
+        writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
+        stat = path.stat()
+        identity = {"run_id": run_id, "weights": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+        result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
+        status = "FINISHED"
+        return result
+    finally:
+        if writer is not None:
+            writer.finish(status)
+        distributed.close()
+
+
+def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: EvalSpec,
+         dist: distributed.Dist, uri: str | None, on_batch) -> EvalResult:
+    started = time.perf_counter()
+    cfg = resolved_data(cfg, spec.data, dist.is_main)
+    measures = spec.measures()
+    split = spec.split or cfg.data.val_split
+    cache = BatchCache(cache_dir({**identity, "source": cfg.data.source, "split": split, "seed": spec.seed,
+                                 "img_size": cfg.data.img_size, "eval_resize": cfg.data.eval_resize}))
+    done = cache.load()
+    distributed.barrier()  # every rank has read the cache before any writes to it
+    mine: dict[str, dict] = {}
+    aa_log: list[str] = []
+    batches = resumed = 0
+    computed_images, computed_s = 0, 0.0
+    total = _expected_images(cfg, spec, split, dist.world)
+    for x, y, keys in image_batches(cfg, split=split, ids=spec.ids, n=spec.n, batch_size=spec.batch_size,
+                                    rank=dist.rank, world=dist.world):
+        batches += 1
+        todo = [m for m in measures if any(m.name not in done.get(k, {}) for k in keys)]
+        if todo:
+            t0 = time.perf_counter()
+            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec.seed, aa_log)
+            cache.write(rows)
+            for row in rows:
+                done.setdefault(row["id"], {}).update(row)
+            computed_images += len(keys)
+            computed_s += time.perf_counter() - t0
+        else:
+            resumed += 1
+        for k in keys:
+            mine[k] = {"id": k, "label": done[k]["label"], **{m.name: done[k][m.name] for m in measures}}
+        if on_batch and dist.is_main:
+            on_batch(BatchProgress(len(mine), total, computed_images / computed_s if computed_s else 0.0,
+                                   _accuracy(mine.values(), measures), resumed=not todo))
+    rows = _gather(mine)
+    counts = distributed.all_sum(torch.tensor([batches, resumed], dtype=torch.float64, device=dist.device))
+    batches, resumed = (int(c) for c in counts.tolist())
+    if not rows:
+        raise GnrError("no images selected: check --data, --ids and --n")
+    accuracy = _accuracy(rows, measures)
+    warnings = sanity_warnings(accuracy, measures) + sorted(set(aa_log))
+    prefix = "eval" if spec.weights in ("ema", "file") else f"eval-{spec.weights}"
+    result = EvalResult(run_id=run_id, weights=spec.weights, n=len(rows), accuracy=accuracy, warnings=warnings,
+                        batches=batches, resumed_batches=resumed, elapsed_s=time.perf_counter() - started,
+                        csv_path=str(cache.root / "per_image.csv"), metric_prefix=prefix, is_main=dist.is_main,
+                        settings={"data": cfg.data.source, "split": split, "ids": spec.ids, "n": spec.n,
+                                  "attacks": list(spec.attacks), "eps_255": list(spec.eps), "seed": spec.seed,
+                                  "world": dist.world})
+    if dist.is_main:
+        write_rows(rows, Path(result.csv_path))
+        log_to_run(result, uri)
+    return result
+
+
+def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> int:
+    """This rank's share of the selected images (an upper bound with ``--ids``: not all may be present)."""
+    from gnr.data.manifest import read_manifest
+
+    available = read_manifest(cfg.data.source, split).total
+    chosen = len(load_ids(spec.ids)[:spec.n]) if spec.ids else min(spec.n or available, available)
+    return -(-min(chosen, available) // world)
+
+
+def _attack_batch(model, x, y, keys, measures, seed, aa_log) -> list[dict]:
+    batch_seed = (seed * 1_000_003 + zlib.crc32("\n".join(keys).encode())) % 2**63
+    columns = {}
+    for m in measures:
+        with seeded(batch_seed, x.device):
+            columns[m.name] = robust_correct(model, x, y, m, seed, aa_log).tolist()
+    labels = y.tolist()
+    return [{"id": k, "label": labels[i], **{name: bool(c[i]) for name, c in columns.items()}}
+            for i, k in enumerate(keys)]
+
+
+def _gather(mine: dict[str, dict]) -> list[dict]:
+    """Every rank's rows on every rank, each image once (the loader gives each image to one rank)."""
+    parts = [mine]
+    if tdist.is_initialized():
+        parts = [None] * tdist.get_world_size()
+        tdist.all_gather_object(parts, mine)
+    seen: dict[str, dict] = {}
+    for part in parts:
+        twice = seen.keys() & part.keys()
+        if twice:
+            raise GnrError(f"image {sorted(twice)[0]} was evaluated by two ranks: the loader's sharding is broken")
+        seen.update(part)
+    return [seen[k] for k in sorted(seen)]
+
+
+def _accuracy(rows: Iterable[dict], measures: list[Measure]) -> dict[str, float]:
+    rows = list(rows)
+    n = max(len(rows), 1)
+    return {m.name: sum(r[m.name] for r in rows) / n for m in measures}
+
+
+def sanity_warnings(accuracy: dict[str, float], measures: list[Measure]) -> list[str]:
+    """Carlini et al. 2019 checks on the aggregate accuracies; one readable line per failure."""
+    out = []
+    for m in measures:
+        if m.sanity and accuracy[m.name] > SANITY_MAX_ACC:
+            out.append(f"{m.name}: accuracy {accuracy[m.name]:.1%} at ε={m.eps:g}/255 should be ~0 "
+                       "(gradient masking or a broken attack?)")
+    for eps in sorted({m.eps for m in measures if m.attack != "clean"}):
+        pgds = sorted((int(m.attack[3:]), m.name) for m in measures if m.eps == eps and m.attack.startswith("pgd"))
+        for (_, weak), (_, strong) in zip(pgds, pgds[1:]):
+            if accuracy[strong] > accuracy[weak] + SLACK:
+                out.append(f"{strong} ({accuracy[strong]:.1%}) is above {weak} ({accuracy[weak]:.1%}): "
+                           "more steps must not help the model")
+        aa = f"autoattack/eps{eps:g}"
+        if aa in accuracy and pgds:
+            best_pgd = min(pgds, key=lambda p: accuracy[p[1]])[1]
+            if accuracy[aa] > accuracy[best_pgd] + SLACK:
+                out.append(f"{aa} ({accuracy[aa]:.1%}) is above {best_pgd} ({accuracy[best_pgd]:.1%}): "
+                           "AutoAttack should be the stronger attack")
+    return out
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """A CSV with the first row's keys as header (booleans as 1/0), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: int(v) if isinstance(v, bool) else v for k, v in r.items()} for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
+def log_to_run(result: EvalResult, uri: str | None) -> None:
+    """Metrics ``<prefix>/<measure>`` (e.g. ``eval/autoattack/eps4``), tags, CSV and summary JSON."""
+    from gnr.tracking import RunWriter
+
+    writer = RunWriter(result.run_id, uri)
+    p = result.metric_prefix
+    writer.log_metrics({**{f"{p}/{k}": v for k, v in result.accuracy.items()}, f"{p}/n": result.n}, step=0)
+    writer.set_tags({f"{p}.sanity": "failed" if result.warnings else "passed",
+                     f"{p}.warnings": " | ".join(result.warnings)[:5000] or "none",
+                     f"{p}.settings": json.dumps(result.settings)})
+    writer.log_artifact(result.csv_path, p)
+    writer.log_text(json.dumps(result.summary(), indent=2), f"{p}/summary.json")

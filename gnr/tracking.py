@@ -1,0 +1,256 @@
+"""The only module that talks to MLflow.
+
+A training run is identified everywhere by its MLflow run id: `gnr submit` creates the run (state
+SCHEDULED) before any pod starts, the trainer attaches to it (RUNNING) and resumes from its
+checkpoints after a restart, and `gnr eval --run-id` finds the weights through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gnr import __version__, paths
+from gnr.config import RunConfig, validate
+from gnr.errors import GnrError
+
+CONFIG_ARTIFACT = "config.yaml"
+WEIGHTS_DIR = "weights"
+# Download bars from MLflow would interleave with gnr's own rich output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.local_tracking_uri()
+
+
+def redact(uri: str) -> str:
+    """Drop credentials from a URI before it is printed or logged."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, before any training, when the tracking server cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise GnrError(f"MLflow tracking server {redact(uri)} is not reachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    # mlflow sets its loggers up on import; a new local store logs its migrations at INFO.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def _experiment_id(mlflow_client, name: str, uri: str) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri == paths.local_tracking_uri():
+        location = (paths.local_artifact_root() / name).as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_params(cfg: RunConfig) -> dict[str, str]:
+    import timm
+    import torch
+
+    params = {k: ("" if v is None else str(v)) for k, v in cfg.flat().items()}
+    if cfg.tracking.uri:
+        params["tracking.uri"] = redact(cfg.tracking.uri)
+    params.update({"versions.gnr": __version__, "versions.torch": torch.__version__,
+                   "versions.timm": timm.__version__, "versions.git_sha": _git_sha()})
+    return params
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    return {"method": cfg.objective.method, "model": cfg.model.name, "activation": cfg.model.act,
+            "dataset": cfg.data.source, "preset": cfg.preset}
+
+
+def create_run(cfg: RunConfig, tags: dict[str, str] | None = None, status: str = "SCHEDULED") -> str:
+    """Create a run holding the resolved config (params + artifact) and return its id."""
+    uri = resolve_uri(cfg.tracking.uri)
+    check_reachable(uri)
+    c = client(uri)
+    exp_id = _experiment_id(c, cfg.tracking.experiment, uri)
+    run = c.create_run(exp_id, run_name=cfg.tracking.run_name, tags={**run_tags(cfg), **(tags or {})})
+    run_id = run.info.run_id
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
+    _log_params(c, run_id, run_params(cfg))
+    c.log_text(run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+    c.update_run(run_id, status=status)
+    return run_id
+
+
+def _log_params(c, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def load_run_config(run_id: str, uri: str | None = None) -> RunConfig:
+    """The resolved config a run was trained with."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download(run_id, CONFIG_ARTIFACT, tmp, uri)
+        return validate(yaml.safe_load(Path(path).read_text()))
+
+
+def download(run_id: str, artifact_path: str, dst: str | Path, uri: str | None = None) -> Path:
+    """Download one artifact of a run; a clear error when the run or the artifact does not exist."""
+    c = client(uri)
+    get_run(run_id, uri)
+    try:
+        return Path(c.download_artifacts(run_id, artifact_path, str(dst)))
+    except Exception as e:
+        raise GnrError(f"run {run_id} has no artifact '{artifact_path}' ({type(e).__name__})") from None
+
+
+def get_run(run_id: str, uri: str | None = None):
+    resolved = resolve_uri(uri)
+    check_reachable(resolved)
+    try:
+        return client(resolved).get_run(run_id)
+    except Exception:
+        raise GnrError(f"no MLflow run '{run_id}' at {redact(resolved)}") from None
+
+
+class Tracker:
+    """Logs one training run. Only rank 0 builds one; other ranks log nothing."""
+
+    def __init__(self, cfg: RunConfig):
+        self.uri = resolve_uri(cfg.tracking.uri)
+        check_reachable(self.uri)
+        self.client = client(self.uri)
+        if cfg.tracking.run_id:
+            run = get_run(cfg.tracking.run_id, self.uri)
+            self.run_id = run.info.run_id
+            if not run.data.params:
+                _log_params(self.client, self.run_id, run_params(cfg))
+                self.client.log_text(self.run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = create_run(cfg, status="RUNNING")
+        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str) -> None:
+        assert status in TERMINAL
+        self.client.set_terminated(self.run_id, status=status)
+
+    def ui_command(self) -> str:
+        if self.uri == paths.local_tracking_uri():
+            return "gnr ui"
+        return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+# -- after training: evaluation and analysis log into a run, the report reads runs back -------------
+
+class RunWriter(Tracker):
+    """Logs into an existing run (evaluation, analysis) without touching its status, params or config."""
+
+    def __init__(self, run_id: str, uri: str | None = None):
+        self.uri = resolve_uri(uri)
+        run = get_run(run_id, self.uri)
+        self.client = client(self.uri)
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+
+
+def download_weights(run_id: str, which: str, dst: str | Path, uri: str | None = None) -> Path:
+    """A run's exported weights (``ema`` or ``raw``): the state dict of the ``Normalized`` model."""
+    return download(run_id, f"{WEIGHTS_DIR}/{which}.safetensors", dst, uri)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the report needs from one run, as plain values."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def find_runs(experiment: str | None = None, run_ids: list[str] | tuple[str, ...] = (),
+              uri: str | None = None) -> list[RunRecord]:
+    """The named runs, or every run of an experiment (oldest first)."""
+    resolved = resolve_uri(uri)
+    if run_ids:
+        runs = [get_run(r, resolved) for r in run_ids]
+    else:
+        check_reachable(resolved)
+        c = client(resolved)
+        exp = c.get_experiment_by_name(experiment or "gnr")
+        if exp is None:
+            raise GnrError(f"no MLflow experiment '{experiment}' at {redact(resolved)}")
+        runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=10000)
+    return [RunRecord(r.info.run_id, r.info.run_name or "", r.info.status, r.info.start_time or 0,
+                      dict(r.data.tags), dict(r.data.params), dict(r.data.metrics)) for r in runs]
+
+
+# MLflow prints "View run ... at: URL" on stdout when a run on a tracking server ends; stdout belongs
+# to `--json` output (`gnr ... --json | jq`), and `ui_command` already says where the run is.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

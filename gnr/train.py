@@ -1,0 +1,409 @@
+"""The training loop: one process or `torchrun` DDP, the paper's recipe built from timm parts.
+
+`train(cfg)` is the single entry point of laptop and cluster runs. It attaches to (or creates) the
+MLflow run named by ``cfg.tracking.run_id``, resumes from that run's latest checkpoint if there is
+one, and ends the run as FINISHED, FAILED (non-finite loss, crash) or KILLED (Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from gnr import checkpoint, distributed, paths
+from gnr.config import RunConfig
+from gnr.data.loader import eval_loader, resolve_source, steps_per_epoch, train_loader
+from gnr.errors import GnrError
+from gnr.models import build_model
+from gnr.objectives import build_objective
+from gnr.scoring import autocast, clean_and_pgd_accuracy
+from gnr.tracking import Tracker, check_reachable, resolve_uri
+
+# Fields that may differ between the run's stored config and a resumed process (paths, workers,
+# logging); anything else changing under a resume would silently change the experiment.
+RESUME_MAY_DIFFER = ("tracking", "checkpoint", "runtime.device", "data.source", "data.workers", "eval.batch_size")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    is_main: bool
+    method: str
+    model: str
+    act: str
+    steps: int
+    epochs: float
+    elapsed_s: float
+    sec_per_step: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+    ui_command: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "is_main"}
+
+
+class StopRequested:
+    """First SIGINT/SIGTERM asks for a clean stop at the next step boundary; a second one aborts."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    amp = cfg.runtime.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def soft_targets(cfg: RunConfig):
+    """Mixup/CutMix with label smoothing (timm), or plain smoothed one-hot targets."""
+    from timm.data import Mixup
+    from timm.data.mixup import one_hot
+
+    a = cfg.augment
+    if a.mixup > 0 or a.cutmix > 0:
+        return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, switch_prob=a.mixup_switch_prob,
+                     label_smoothing=a.smoothing, num_classes=cfg.data.num_classes)
+    off = a.smoothing / cfg.data.num_classes
+    return lambda x, y: (x, one_hot(y, cfg.data.num_classes, on_value=1.0 - a.smoothing + off, off_value=off))
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_resumable(cfg: RunConfig, stored: dict) -> None:
+    now, then = cfg.flat(), RunConfig.model_validate(stored).flat()
+    changed = [k for k in now if now[k] != then.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
+    if changed:
+        raise GnrError(f"cannot resume run {cfg.tracking.run_id}: config differs in {', '.join(changed[:5])}")
+
+
+def export_weights(module: torch.nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dist: distributed.Dist):
+        import timm.optim
+        import timm.scheduler
+        import timm.utils
+
+        self.cfg, self.dist = cfg, dist
+        self.run_id, self.tracker = "", None
+        self.device = dist.device
+        self.amp = amp_dtype(cfg, self.device)
+        self.channels_last = cfg.runtime.channels_last and self.device.type == "cuda"
+        self.spe = steps_per_epoch(cfg, dist.world)
+        self.updates_per_epoch = max(1, self.spe // cfg.optim.accum_steps)
+        self.total_updates = cfg.schedule.epochs * self.updates_per_epoch
+        if cfg.schedule.max_steps:
+            self.total_updates = min(self.total_updates, cfg.schedule.max_steps)
+        self.global_batch = cfg.optim.batch_size * cfg.optim.accum_steps * dist.world
+
+        model, self.replaced = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = timm.utils.ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+        self.optimizer = timm.optim.create_optimizer_v2(model.inner, opt=cfg.optim.opt, lr=cfg.lr(self.global_batch),
+                                                        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.opt_eps)
+        self.scheduler, _ = timm.scheduler.create_scheduler_v2(
+            self.optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
+            warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.train_model = model
+        if dist.world > 1:
+            self.train_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.objective = build_objective(cfg.objective)
+        if cfg.runtime.compile:
+            if self.objective.double_backward:
+                raise GnrError(f"runtime.compile: torch.compile has no double backward; use gradnorm-fd instead of {cfg.objective.method}")
+            self.train_model = torch.compile(self.train_model)
+        self.targets = soft_targets(cfg)
+        self.update = 0  # optimizer steps done
+        self.best_pgd = -1.0
+        self.step_times: list[float] = []
+        self.last_eval: dict[str, float] = {}
+
+    def attach(self, run_id: str, tracker: Tracker | None) -> None:
+        """Bind to the MLflow run: checkpoints live under <checkpoint.dir>/<run id>."""
+        self.resuming = self.cfg.tracking.run_id is not None
+        self.run_id, self.tracker = run_id, tracker
+        self.cfg.tracking.run_id = run_id
+        self.ckpt_dir = Path(self.cfg.checkpoint.dir or paths.checkpoint_root()) / run_id
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "update": self.update, "best_pgd": self.best_pgd, "config": self.cfg.model_dump(mode="json"),
+            "model": self.model.state_dict(), "state_dict_ema": self.ema.state_dict() if self.ema else {},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+        }
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return checkpoint.save(self.state(), self.ckpt_dir, self.update, self.cfg.checkpoint.keep_last)
+
+    def resume(self) -> bool:
+        """Load the run's latest checkpoint (local dir first, then the copy logged to MLflow)."""
+        path = checkpoint.latest(self.ckpt_dir)
+        if path is None and self.tracker is not None and self.resuming:
+            path = self._fetch_logged_checkpoint()
+        path = distributed.broadcast_object(str(path) if path else None)
+        if path is None:
+            return False
+        state = checkpoint.load(Path(path))
+        check_resumable(self.cfg, state["config"])
+        self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.load_state_dict(state["state_dict_ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.update, self.best_pgd = state["update"], state["best_pgd"]
+        checkpoint.set_rng_state(state["rng"])
+        if self.dist.rank:  # other ranks: distinct but reproducible streams
+            torch.manual_seed(self.cfg.runtime.seed + 1000 * self.dist.rank + self.update)
+        return True
+
+    def _fetch_logged_checkpoint(self) -> Path | None:
+        try:
+            from gnr.tracking import download
+
+            return download(self.run_id, "checkpoints/last.pt", self.ckpt_dir / "from-mlflow")
+        except GnrError:
+            return None
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self, stop: StopRequested) -> str:
+        cfg = self.cfg
+        self.model.train()
+        last_save = time.monotonic()
+        while self.update < self.total_updates:
+            epoch, done_in_epoch = divmod(self.update, self.updates_per_epoch)
+            micro = self.updates_per_epoch * cfg.optim.accum_steps
+            batches = train_loader(cfg, epoch=epoch, rank=self.dist.rank, world=self.dist.world,
+                                   skip_batches=done_in_epoch * cfg.optim.accum_steps)
+            window = Window()
+            it = iter(islice(batches, micro - done_in_epoch * cfg.optim.accum_steps))
+            while self.update < self.total_updates and self.update // self.updates_per_epoch == epoch:
+                t0 = time.perf_counter()
+                parts, nonfinite = self.step(it, epoch)
+                self.step_times.append(time.perf_counter() - t0)
+                window.add(parts, self.global_batch)
+                # An epoch's last step is saved by end_epoch, after the held-out check.
+                due = (time.monotonic() - last_save > cfg.checkpoint.every_minutes * 60
+                       and self.update % self.updates_per_epoch != 0)
+                flags = distributed.all_sum(torch.tensor([nonfinite, float(stop.flag), float(due)], device=self.device))
+                nonfinite, stopping, due = (bool(f > 0) for f in flags.tolist())
+                if nonfinite:
+                    raise NonFiniteLoss(f"non-finite loss at step {self.update}; the last good checkpoint is kept")
+                if self.update % cfg.tracking.log_every == 0:
+                    self._log_window(window)
+                    window = Window()
+                if stopping:
+                    self.save()
+                    return "KILLED"
+                if due:
+                    self.save()
+                    last_save = time.monotonic()
+            if self.update % self.updates_per_epoch == 0 or self.update >= self.total_updates:
+                self.end_epoch()
+        return "FINISHED"
+
+    def step(self, batches, epoch: int) -> tuple[dict[str, float], float]:
+        """One optimizer update over `accum_steps` micro-batches. Returns (mean parts, non-finite flag)."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
+        progress = self.update / self.updates_per_epoch
+        loss_sum, parts_acc = 0.0, {}
+        for i in range(accum):
+            x, y = next(batches)
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x, y_soft = self.targets(x, y)
+            sync = nullcontext() if i == accum - 1 or self.dist.world == 1 else self.train_model.no_sync()
+            with sync:
+                with autocast(self.device, self.amp):
+                    loss, parts = self.objective(self.train_model, x, y_soft, progress)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum = loss_sum + loss.detach()
+            for k, v in parts.items():
+                parts_acc[k] = parts_acc.get(k, 0.0) + v.detach().float()
+        if cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update += 1
+        self.scheduler.step_update(self.update)
+        if self.ema:
+            self.ema.update(self.model, step=self.update)
+        mean_loss = float(loss_sum) / accum
+        parts_out = {"loss": mean_loss, **{k: float(v) / accum for k, v in parts_acc.items()}}
+        return parts_out, float(not math.isfinite(mean_loss))
+
+    def _log_window(self, window: "Window") -> None:
+        if self.tracker is None or not window.steps:
+            return
+        elapsed = time.perf_counter() - window.start
+        metrics = {f"train/{k}": v / window.steps for k, v in window.parts.items()}
+        metrics.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/images_per_s": window.images / elapsed,
+                        "train/sec_per_step": elapsed / window.steps, "train/memory_mb": memory_mb(self.device),
+                        "train/epoch": self.update / self.updates_per_epoch})
+        self.tracker.log_metrics(metrics, step=self.update)
+
+    def end_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        scored = self.ema.module if self.ema else self.model
+        result = {}
+        if cfg.eval.holdout:
+            batches = eval_loader(cfg, rank=self.dist.rank, world=self.dist.world, limit=cfg.eval.holdout,
+                                  batch_size=cfg.eval.batch_size)
+            result = clean_and_pgd_accuracy(scored, batches, eps=cfg.eval.eps, step_size=cfg.eval.pgd_step_size,
+                                            steps=cfg.eval.pgd_steps, device=self.device, amp_dtype=self.amp)
+        is_best = result.get("pgd_acc", 0.0) > self.best_pgd
+        if is_best:
+            self.best_pgd = result["pgd_acc"]
+        path = self.save()
+        if self.tracker is not None:
+            metrics = {"holdout/clean_acc": result.get("clean_acc", float("nan")),
+                       f"holdout/pgd{cfg.eval.pgd_steps}_acc": result.get("pgd_acc", float("nan")),
+                       "epoch": self.update / self.updates_per_epoch}
+            self.tracker.log_metrics(metrics, step=self.update)
+            self._log_checkpoint(path, "last.pt")
+            if is_best:
+                self._log_checkpoint(path, "best.pt")
+        self.last_eval = result
+        return result
+
+    def _log_checkpoint(self, path: Path, name: str) -> None:
+        staged = self.ckpt_dir / "logged" / name
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.unlink(missing_ok=True)
+        staged.hardlink_to(path)
+        self.tracker.log_artifact(staged, "checkpoints")
+
+    def finish(self) -> dict[str, float]:
+        """Log the weights `gnr eval --run-id` loads: EMA (evaluated, as in the paper) and raw."""
+        if self.tracker is None:
+            return {}
+        out = self.ckpt_dir / "weights"
+        out.mkdir(parents=True, exist_ok=True)
+        if self.ema:
+            self.tracker.log_artifact(export_weights(self.ema.module, out / "ema.safetensors"), "weights")
+        self.tracker.log_artifact(export_weights(self.model, out / "raw.safetensors"), "weights")
+        timed = self.step_times[min(3, len(self.step_times) - 1):] if self.step_times else [float("nan")]
+        final = {"perf/sec_per_step": sum(timed) / len(timed), "perf/steps": self.update}
+        self.tracker.log_metrics(final, step=self.update)
+        return final
+
+
+class Window:
+    """Running sums of the loss parts between two metric logs."""
+
+    def __init__(self):
+        self.start, self.steps, self.images, self.parts = time.perf_counter(), 0, 0, {}
+
+    def add(self, parts: dict[str, float], images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
+
+
+class NonFiniteLoss(GnrError):
+    pass
+
+
+def _start_run(cfg: RunConfig, dist: distributed.Dist) -> tuple[str, Tracker | None]:
+    """Rank 0 creates or attaches to the MLflow run; every rank learns its id."""
+    tracker = Tracker(cfg) if dist.is_main else None
+    run_id = distributed.broadcast_object(tracker.run_id if tracker else None)
+    return run_id, tracker
+
+
+def _resolve_data(cfg: RunConfig, dist: distributed.Dist) -> RunConfig:
+    """A copy of cfg whose data.source is a concrete location (rank 0 builds the demo shards first)."""
+    if dist.is_main:
+        resolve_source(cfg.data.source)
+    distributed.barrier()
+    out = cfg.model_copy(deep=True)
+    out.data.source = resolve_source(cfg.data.source)
+    return out
+
+
+def train(cfg: RunConfig) -> RunResult:
+    cfg = cfg.model_copy(deep=True)
+    dist = distributed.init(cfg.runtime.device)
+    tracker = None
+    status = "FAILED"
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(cfg.runtime.seed + dist.rank)
+        if cfg.runtime.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        check_reachable(resolve_uri(cfg.tracking.uri))
+        trainer = Trainer(_resolve_data(cfg, dist), dist)  # bad model / data fail here, before a run exists
+        run_id, tracker = _start_run(cfg, dist)
+        trainer.attach(run_id, tracker)
+        trainer.resume()
+        if tracker:
+            tracker.set_tags({"activations_replaced": trainer.replaced, "world_size": dist.world})
+        with StopRequested() as stop:
+            status = trainer.run(stop)
+        final = trainer.finish() if status == "FINISHED" else {}
+        metrics = {**{f"holdout/{k}": v for k, v in trainer.last_eval.items()}, **final}
+        return RunResult(
+            run_id=run_id, status=status, is_main=dist.is_main, method=cfg.objective.method, model=cfg.model.name,
+            act=cfg.model.act, steps=trainer.update, epochs=trainer.update / trainer.updates_per_epoch,
+            elapsed_s=time.perf_counter() - started, sec_per_step=final.get("perf/sec_per_step", float("nan")),
+            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+        distributed.close()

@@ -1,0 +1,167 @@
+"""`gnr eval` end to end on a demo-preset run logged to a real MLflow server: logging into the same
+run, AutoAttack against a direct pyautoattack call, 2-process torchrun, resume, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import BIN, assert_one_line_error, run_gnr
+
+pytestmark = pytest.mark.integration
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_run, tmp_path_factory) -> dict:
+    """One `gnr eval` through the CLI, all images in one batch (so a direct AutoAttack call sees the same batch)."""
+    home = tmp_path_factory.mktemp("eval-home")
+    proc = run_gnr("eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", N,
+                   "--batch-size", N, "--attacks", "clean,pgd10,autoattack", "--eps", "4", "--json",
+                   env={"GNR_HOME": str(home)}, check=True)
+    return {**demo_run, "eval": json.loads(proc.stdout), "home": home}
+
+
+def _per_image(client: MlflowClient, run_id: str) -> list[dict]:
+    path = client.download_artifacts(run_id, "eval/per_image.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_logs_into_the_same_run(evaluated):
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    run = client.get_run(evaluated["run_id"])
+    metrics = run.data.metrics
+    summary = evaluated["eval"]
+    assert summary["run_id"] == evaluated["run_id"] and summary["n"] == N
+    for name in ("clean", "pgd10/eps4", "autoattack/eps4", "pgd10/eps64"):
+        assert metrics[f"eval/{name}"] == pytest.approx(summary["accuracy"][name]), name
+    assert metrics["eval/n"] == N
+    assert metrics["eval/autoattack/eps4"] <= metrics["eval/clean"]
+    assert run.data.tags["eval.sanity"] == ("failed" if summary["warnings"] else "passed")
+    rows = _per_image(client, evaluated["run_id"])
+    assert list(rows[0]) == ["id", "label", "clean", "pgd10/eps4", "autoattack/eps4", "pgd10/eps64"]
+    assert len({r["id"] for r in rows}) == N
+    assert sum(int(r["autoattack/eps4"]) for r in rows) / N == pytest.approx(metrics["eval/autoattack/eps4"])
+    summary_json = json.loads(open(client.download_artifacts(evaluated["run_id"], "eval/summary.json")).read())
+    assert summary_json["accuracy"] == summary["accuracy"]
+
+
+def test_autoattack_equals_a_direct_pyautoattack_call(evaluated, tmp_path, monkeypatch):
+    """Same weights (downloaded independently), same images, same seed: same per-image verdicts."""
+    from pyautoattack import AutoAttack
+    from safetensors.torch import load_file
+
+    from gnr.data.loader import eval_loader, resolve_source
+    from gnr.models import build_model
+    from gnr.tracking import load_run_config
+
+    monkeypatch.setenv("GNR_HOME", str(evaluated["home"]))
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    cfg = load_run_config(evaluated["run_id"], evaluated["uri"])
+    model, _ = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
+    model.load_state_dict(load_file(client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))))
+    model.eval()
+    cfg.data.source = resolve_source(cfg.data.source)
+    x, y, keys = next(iter(eval_loader(cfg, limit=N, batch_size=N)))
+    aa = AutoAttack(model, norm="Linf", eps=4 / 255, version="standard", seed=0, device="cpu")
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=N)
+    direct = dict(zip(keys, (y_adv == y).tolist()))
+    ours = {r["id"]: bool(int(r["autoattack/eps4"])) for r in _per_image(client, evaluated["run_id"])}
+    assert ours == direct
+    assert evaluated["eval"]["accuracy"]["autoattack/eps4"] == pytest.approx(sum(direct.values()) / N)
+
+
+def test_torchrun_two_processes_count_each_image_once(demo_run, tmp_path):
+    n = 11  # odd, and not a multiple of the batch size: uneven shares
+    env = {"GNR_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "gnr"), "eval",
+                           "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", str(n),
+                           "--batch-size", "3", "--attacks", "clean,pgd10", "--eps", "4", "--weights", "raw",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one JSON document: only rank 0 prints
+    assert summary["n"] == n and summary["settings"]["world"] == 2
+    assert summary["batches"] == 4  # 6 + 5 images in batches of 3 per rank
+    client = MlflowClient(tracking_uri=demo_run["uri"])
+    run = client.get_run(demo_run["run_id"])
+    assert run.data.metrics["eval-raw/n"] == n
+    rows = list(csv.DictReader(open(client.download_artifacts(demo_run["run_id"], "eval-raw/per_image.csv", str(tmp_path)))))
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == n
+    expected = _first_val_keys(demo_run, tmp_path, n)
+    assert sorted(ids) == sorted(expected)
+
+
+def _first_val_keys(demo_run: dict, tmp_path, n: int) -> list[str]:
+    """The first n validation images in manifest order, read by one process."""
+    from gnr.data.loader import eval_loader
+    from gnr.data.shards import write_demo
+    from gnr.tracking import load_run_config
+
+    cfg = load_run_config(demo_run["run_id"], demo_run["uri"])
+    write_demo(tmp_path / "shards")
+    cfg.data.source = str(tmp_path / "shards")
+    return [k for _, _, keys in eval_loader(cfg, limit=n, batch_size=n) for k in keys]
+
+
+def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run, gnr_home, tmp_path, monkeypatch):
+    from gnr.evaluate import EvalSpec, evaluate
+
+    spec = EvalSpec(attacks=("clean", "pgd10"), eps=(4.0,), weights="raw", n=12, batch_size=4)
+    done = []
+
+    def interrupt_after_two(progress):
+        done.append(progress.done)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(demo_run["run_id"], spec, uri=demo_run["uri"], on_batch=interrupt_after_two)
+    files = sorted((gnr_home / "eval" / demo_run["run_id"]).rglob("batch-*.json"))
+    assert len(files) == 2
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+
+    resumed = evaluate(demo_run["run_id"], spec, uri=demo_run["uri"])
+    assert (resumed.resumed_batches, resumed.batches) == (2, 3)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert len(list((gnr_home / "eval" / demo_run["run_id"]).rglob("batch-*.json"))) == 3
+
+    monkeypatch.setenv("GNR_HOME", str(tmp_path / "fresh"))
+    fresh = evaluate(demo_run["run_id"], spec, uri=demo_run["uri"])
+    assert fresh.resumed_batches == 0 and fresh.accuracy == resumed.accuracy
+
+
+def test_external_weights_are_evaluated_as_a_new_run(evaluated, tmp_path):
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    weights = client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))
+    proc = run_gnr("eval", "--weights", weights, "--model", "test_resnet", "--tracking-uri", evaluated["uri"],
+                   "--experiment", "tests-external", "--n", 4, "--attacks", "clean", "--json",
+                   env={"GNR_HOME": str(tmp_path / "home")}, check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["run_id"] != evaluated["run_id"]
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["source"] == "external" and run.info.status == "FINISHED"
+    assert run.data.metrics["eval/n"] == 4 and "eval/clean" in run.data.metrics
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--run-id", "0123456789abcdef0123456789abcdef"], "no mlflow run"),
+    (["--attacks", "clean,deepfool"], "unknown attack 'deepfool'"),
+    (["--eps", "4,eight"], "numbers"),
+    (["--weights", "/nonexistent/model.safetensors"], "weights file not found"),
+])
+def test_bad_input_is_one_line(demo_run, gnr_home, args, needle):
+    if "--run-id" not in args:
+        args = ["--run-id", demo_run["run_id"], *args]
+    proc = run_gnr("eval", *args, "--tracking-uri", demo_run["uri"], "--n", 2, timeout=120)
+    assert_one_line_error(proc, needle)
+
+
+def test_unreachable_tracking_server_is_one_line(gnr_home):
+    proc = run_gnr("eval", "--run-id", "abc", "--tracking-uri", "http://127.0.0.1:9", timeout=120)
+    assert_one_line_error(proc, "not reachable")
