@@ -12,7 +12,7 @@ app = typer.Typer(help="Write WebDataset shards: an ImageNet folder tree, or the
 
 @app.command("imagefolder")
 def imagefolder(
-    root: str = typer.Argument(..., help="ImageNet-style tree: ROOT/<wnid>/*.JPEG."),
+    root: str = typer.Argument(..., metavar="ROOT", help="ImageNet-style tree: ROOT/<wnid>/*.JPEG."),
     out: str = typer.Option(..., "--out", help="Shard directory: <split>-000000.tar ... and <split>.json."),
     split: str = typer.Option(..., "--split", help="train (shuffled) | val (sorted)."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Keep only the <wnid>/<file> lines of FILE, or "

@@ -16,7 +16,8 @@ def evaluate(
     data: Optional[str] = typer.Option(None, "--data", help="Shard directory or URL prefix. Default: the run's."),
     split: Optional[str] = typer.Option(None, "--split", help="Default: the run's data.val_split."),
     ids: Optional[str] = typer.Option(None, "--ids", help="robustbench (the 5000 RobustBench ImageNet ids) or a file."),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="Evaluate the first N images."),
+    n: Optional[int] = typer.Option(None, "--n", "--limit", min=1,
+                                    help="Evaluate the first N images (spell it --limit under torchrun, which claims --n)."),
     attacks: str = typer.Option("clean,pgd10,autoattack", "--attacks", help="Any of clean, pgd<steps>, autoattack."),
     eps: str = typer.Option("1,2,4", "--eps", help="L∞ budgets in 1/255."),
     batch_size: int = typer.Option(100, "--batch-size", min=1),
@@ -45,7 +46,7 @@ def evaluate(
                     weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
                     batch_size=batch_size, device=device, seed=seed)
     if submit:
-        return _submit(run_id, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
+        return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
     on_batch, progress = _progress_bar(as_json)
     with progress:
@@ -90,16 +91,23 @@ def _progress_bar(quiet: bool):
     return on_batch, progress
 
 
-def _submit(run_id: Optional[str], **options) -> None:
-    import sys
-
+def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str], image: Optional[str],
+            dry_run: bool) -> None:
+    """Install the chart's eval job: the same evaluation under torchrun, one process per GPU."""
+    from cli.submit import show, submit_eval
     from gnr.errors import GnrError
 
-    try:
-        from cli.submit import submit_eval
-    except ImportError:
-        raise GnrError("gnr eval --submit is not available yet (cli.submit has no submit_eval)") from None
-    if not run_id:
-        raise GnrError("--submit evaluates a run: pass --run-id")
-    extra = [a for a in sys.argv[2:] if a not in ("--submit", "--dry-run")]
-    console.print(submit_eval(run_id, extra_args=extra, **options))
+    if not run_id or spec.weights == "file":
+        raise GnrError("--submit evaluates a run's weights: pass --run-id (and --weights ema or raw)")
+    show(submit_eval(run_id, gpus=gpus, namespace=namespace, image=image, extra_args=pod_args(spec),
+                     dry_run=dry_run), dry_run=dry_run)
+
+
+def pod_args(spec) -> list[str]:
+    """`gnr eval` options reproducing ``spec`` in the pod (``--limit``: torchrun claims ``--n``)."""
+    args = ["--weights", spec.weights, "--attacks", ",".join(spec.attacks), "--eps", ",".join(f"{e:g}" for e in spec.eps),
+            "--batch-size", str(spec.batch_size), "--seed", str(spec.seed)]
+    for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args

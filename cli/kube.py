@@ -148,7 +148,8 @@ def _state(status: dict) -> tuple[str, str]:
 
 
 def pods(api, job: Job) -> list:
-    """The job's pods, the one to read first (running; Master/node 0 before workers) first."""
+    """The job's pods, the one to read first at the head: running before finished, then by name
+    (a PyTorchJob's master-0 before its workers, a TrainJob's node-0 before the others)."""
     from kubernetes import client
 
     with _api_errors(f"list pods of {job.name}"):

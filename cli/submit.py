@@ -48,21 +48,22 @@ def submit(
     cfg = _train_config(method, preset, overrides)
     if gpus is None:
         raise GnrError("--gpus is required: GPUs per node, e.g. --gpus 8")
-    gpus_per_node, node_count = count("--gpus", gpus), count("--nodes", nodes)
-    api = None if dry_run else _preflight()
-    run_id = DRY_RUN_ID if dry_run else tracking.create_run(cfg, tags={
-        "cluster.namespace": namespace, "cluster.nodes": str(node_count), "cluster.gpus_per_node": str(gpus_per_node)})
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
-    chart_values = {"task": "train", "runId": run_id, **image_values(image),
-                    "train": {"nodes": node_count, "gpusPerNode": gpus_per_node, "config": cfg.to_yaml()}}
+    sizes = {"nodes": count("--nodes", nodes), "gpusPerNode": count("--gpus", gpus)}
+    rendered = _release("train", DRY_RUN_ID, _train_values(cfg, DRY_RUN_ID, sizes, image), namespace, values,
+                        dry_run=True)
+    if dry_run:
+        show(rendered, dry_run=True)
+        return
+    # The render above caught bad values; only now is anything created.
+    api = _preflight()
+    run_id = tracking.create_run(cfg, tags={"cluster.namespace": namespace, "cluster.nodes": str(sizes["nodes"]),
+                                            "cluster.gpus_per_node": str(sizes["gpusPerNode"])})
     try:
-        text = _release("train", run_id, chart_values, namespace, values, dry_run)
+        show(_release("train", run_id, _train_values(cfg, run_id, sizes, image), namespace, values, dry_run=False),
+             dry_run=False)
     except GnrError as e:
-        if dry_run:
-            raise
         raise GnrError(f"{e} ({_abandon(cfg.tracking.uri, run_id)})") from None
-    show(text, dry_run)
-    if api is not None and wait:
+    if wait:
         _wait(api, namespace, run_id, "train")
 
 
@@ -93,7 +94,7 @@ def submit_eval(
                     "eval": {"gpus": count("--gpus", gpus), "args": [str(a) for a in extra_args]}}
     if not dry_run:
         _preflight()
-    return _release("eval", run_id, chart_values, namespace, values_files, dry_run)
+    return _release("eval", run_id, chart_values, namespace, values_files, dry_run=dry_run)
 
 
 def show(text: str, dry_run: bool) -> None:
@@ -142,6 +143,12 @@ def _train_config(method: str, preset: str, overrides: list[str]):
     return cfg
 
 
+def _train_values(cfg, run_id: str, sizes: dict, image: str | None) -> dict:
+    """Chart values of a training release: the config with its run id, nodes and GPUs per node."""
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
+    return {"task": "train", "runId": run_id, **image_values(image), "train": {**sizes, "config": cfg.to_yaml()}}
+
+
 def _preflight():
     """Before anything is created: helm and the chart are there, and the cluster is configured."""
     from cli import helm, kube
@@ -151,7 +158,7 @@ def _preflight():
     return kube.connect()
 
 
-def _release(task: str, run_id: str, chart_values: dict, namespace: str, values_files: Sequence[Path],
+def _release(task: str, run_id: str, chart_values: dict, namespace: str, values_files: Sequence[Path], *,
              dry_run: bool) -> str:
     from cli import helm
 

@@ -10,6 +10,8 @@ decoded image, on which that crop behaves exactly like timm's.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -21,14 +23,17 @@ from gnr.data.manifest import manifest_name
 from gnr.data.shards import JPEG_SUFFIXES, write_imagefolder
 from gnr.errors import GnrError
 
-ROUNDS = 3  # the pipelines alternate and medians are reported: the CPU may be shared with other work
+ROUNDS = 5  # the pipelines alternate and medians are reported: the CPU may be shared with other work
 
 
 def bench_loader(data: str | Path, *, batch_size: int = 64, workers: int = 1, img_size: int = 224,
                  batches: int = 8) -> dict:
     """Time `batches` batches of each pipeline after a warm-up batch (worker start, first reads), in
-    alternating rounds."""
+    alternating rounds. Besides wall-clock images/s, images per CPU-second of the main process and
+    its workers: on a machine shared with other work, the figure that compares the pipelines."""
     data = Path(data)
+    if not data.is_dir():
+        raise GnrError(f"--data must be a folder of JPEGs or a shard directory: {data}")
     with tempfile.TemporaryDirectory(prefix="gnr-bench-") as tmp:
         tree, shards = _prepare(data, Path(tmp))
         cfg = RunConfig.model_validate({"data": {"source": str(shards), "img_size": img_size,
@@ -40,21 +45,24 @@ def bench_loader(data: str | Path, *, batch_size: int = 64, workers: int = 1, im
                            f"batch needs {(batches + 1) * batch_size} (lower --batches or --batch-size)")
         gnr, folder = [], []
         for epoch in range(ROUNDS):
-            gnr.append(_images_per_s(_gnr_batches(cfg, epoch), batch_size, batches))
-            folder.append(_images_per_s(_imagefolder_batches(tree, cfg), batch_size, batches))
+            gnr.append(_throughput(_gnr_batches(cfg, epoch), batch_size, batches))
+            folder.append(_throughput(_imagefolder_batches(tree, cfg), batch_size, batches))
+    gnr_summary, folder_summary = _summary(gnr, workers), _summary(folder, workers)
     return {
         "data": str(data), "images": images, "batch_size": batch_size, "workers": workers, "img_size": img_size,
         "timed_batches": batches, "rounds": ROUNDS, "augment": cfg.augment.model_dump(mode="json"),
-        "gnr_webdataset": _summary(gnr, workers),
-        "torchvision_imagefolder": _summary(folder, workers),
-        "ratio_gnr_to_imagefolder": round(statistics.median(gnr) / statistics.median(folder), 3),
+        "gnr_webdataset": gnr_summary,
+        "torchvision_imagefolder": folder_summary,
+        "ratio_gnr_to_imagefolder": {
+            key: round(gnr_summary[key] / folder_summary[key], 3) for key in ("images_per_s", "images_per_cpu_s")},
     }
 
 
-def _summary(rates: list[float], workers: int) -> dict:
-    median = statistics.median(rates)
-    return {"images_per_s": round(median, 1), "images_per_s_per_worker": round(median / max(workers, 1), 1),
-            "rounds": [round(r, 1) for r in rates]}
+def _summary(rounds: list[tuple[float, float]], workers: int) -> dict:
+    wall = statistics.median(r[0] for r in rounds)
+    return {"images_per_s": round(wall, 1), "images_per_s_per_worker": round(wall / max(workers, 1), 1),
+            "images_per_cpu_s": round(statistics.median(r[1] for r in rounds), 1),
+            "rounds_images_per_s": [round(r[0], 1) for r in rounds]}
 
 
 def _prepare(data: Path, tmp: Path) -> tuple[Path, Path]:
@@ -113,10 +121,22 @@ def _imagefolder_batches(tree: Path, cfg: RunConfig) -> Iterable:
                                        num_workers=cfg.data.workers)
 
 
-def _images_per_s(batches: Iterable, batch_size: int, timed: int) -> float:
+def _throughput(batches: Iterable, batch_size: int, timed: int) -> tuple[float, float]:
+    """(images per second, images per CPU-second) over `timed` batches after a warm-up batch."""
     it = iter(batches)
     next(it)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(timed):
         next(it)
-    return timed * batch_size / (time.perf_counter() - start)
+    images = timed * batch_size
+    return images / (time.perf_counter() - wall), images / (_cpu_seconds() - cpu)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live child processes (the DataLoader workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total

@@ -158,7 +158,7 @@ def read_shard(url: str, expected: int, image: str) -> Iterator[dict[str, Any]]:
 
 
 def _describe(e: BaseException) -> str:
-    first = str(e.args[0]) if e.args else ""
+    first = str(e.args[0]).split(" @ ")[0] if e.args else ""  # webdataset appends " @ <stream repr>"
     return f"{type(e).__name__}: {first.splitlines()[0] if first else 'no detail'}"
 
 
@@ -242,7 +242,8 @@ class _TrainStream(IterableDataset):
         losses = _Losses(self.manifest)
         shards = _shard_chain(self.manifest.urls, seed=derive_seed(self.cfg.runtime.seed, self.epoch),
                               consumer=self.rank * workers + worker, consumers=self.world * workers)
-        samples = wds.shuffle(self.cfg.data.shuffle_buffer, rng=random.Random(derive_seed(*seed, _SHUFFLE)))(
+        buffer = self.cfg.data.shuffle_buffer  # filled before the first draw, so no epoch starts poorly mixed
+        samples = wds.shuffle(buffer, initial=buffer, rng=random.Random(derive_seed(*seed, _SHUFFLE)))(
             self._readable(shards, losses))
         numbered = islice(enumerate(samples), skipped * batch_size, None)  # skipped before decoding
         augmented = self._augmented(numbered, derive_seed(*seed, _AUGMENT), losses)
@@ -339,8 +340,9 @@ class _EvalStream(IterableDataset):
         for url, n in zip(self.manifest.urls, self.manifest.counts):
             stop = start + n
             if start < hi and lo < stop:
+                wanted = islice(read_shard(url, n, self.manifest.image), max(lo - start, 0), min(hi, stop) - start)
                 try:
-                    yield from islice(read_shard(url, n, self.manifest.image), max(lo - start, 0), min(hi, stop) - start)
+                    yield from wanted
                 except Unreadable as e:
                     raise GnrError(f"corrupt shard {url}: {e.problem.reason}") from None
             start = stop

@@ -200,7 +200,8 @@ def _sample_key(path: Path) -> str:
 
 # -- bundled demo: scikit-learn's handwritten digits -----------------------------------------------
 
-def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, progress: bool = False) -> dict[str, Manifest]:
+def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False,
+               progress: bool = False) -> dict[str, Manifest]:
     """Train/val shards of the 1797 8x8 digits, upscaled to 32x32 RGB PNGs, split 80/20 stratified."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

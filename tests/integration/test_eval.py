@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import BIN, assert_one_line_error, run_gnr
+from tests.helm import helm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -17,16 +19,21 @@ N = 8
 
 @pytest.fixture(scope="module")
 def evaluated(demo_run, tmp_path_factory) -> dict:
-    """One `gnr eval` through the CLI, all images in one batch (so a direct AutoAttack call sees the same batch)."""
+    """One `gnr eval` through the CLI, all images in one batch (so a direct AutoAttack call sees the same batch).
+
+    The raw weights: after 12 steps the EMA weights are a near-constant classifier that no attack can
+    move, and AutoAttack spends a minute on each image it cannot break. (tests/unit/test_eval_core.py
+    compares AutoAttack verdicts that mix robust and broken images.)
+    """
     home = tmp_path_factory.mktemp("eval-home")
     proc = run_gnr("eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", N,
-                   "--batch-size", N, "--attacks", "clean,pgd10,autoattack", "--eps", "4", "--json",
+                   "--batch-size", N, "--attacks", "clean,pgd10,autoattack", "--eps", "4", "--weights", "raw", "--json",
                    env={"GNR_HOME": str(home)}, check=True)
     return {**demo_run, "eval": json.loads(proc.stdout), "home": home}
 
 
 def _per_image(client: MlflowClient, run_id: str) -> list[dict]:
-    path = client.download_artifacts(run_id, "eval/per_image.csv")
+    path = client.download_artifacts(run_id, "eval-raw/per_image.csv")
     with open(path) as f:
         return list(csv.DictReader(f))
 
@@ -38,15 +45,15 @@ def test_eval_logs_into_the_same_run(evaluated):
     summary = evaluated["eval"]
     assert summary["run_id"] == evaluated["run_id"] and summary["n"] == N
     for name in ("clean", "pgd10/eps4", "autoattack/eps4", "pgd10/eps64"):
-        assert metrics[f"eval/{name}"] == pytest.approx(summary["accuracy"][name]), name
-    assert metrics["eval/n"] == N
-    assert metrics["eval/autoattack/eps4"] <= metrics["eval/clean"]
-    assert run.data.tags["eval.sanity"] == ("failed" if summary["warnings"] else "passed")
+        assert metrics[f"eval-raw/{name}"] == pytest.approx(summary["accuracy"][name]), name
+    assert metrics["eval-raw/n"] == N
+    assert metrics["eval-raw/autoattack/eps4"] <= metrics["eval-raw/clean"]
+    assert run.data.tags["eval-raw.sanity"] == ("failed" if summary["warnings"] else "passed")
     rows = _per_image(client, evaluated["run_id"])
     assert list(rows[0]) == ["id", "label", "clean", "pgd10/eps4", "autoattack/eps4", "pgd10/eps64"]
     assert len({r["id"] for r in rows}) == N
-    assert sum(int(r["autoattack/eps4"]) for r in rows) / N == pytest.approx(metrics["eval/autoattack/eps4"])
-    summary_json = json.loads(open(client.download_artifacts(evaluated["run_id"], "eval/summary.json")).read())
+    assert sum(int(r["autoattack/eps4"]) for r in rows) / N == pytest.approx(metrics["eval-raw/autoattack/eps4"])
+    summary_json = json.loads(open(client.download_artifacts(evaluated["run_id"], "eval-raw/summary.json")).read())
     assert summary_json["accuracy"] == summary["accuracy"]
 
 
@@ -63,15 +70,17 @@ def test_autoattack_equals_a_direct_pyautoattack_call(evaluated, tmp_path, monke
     client = MlflowClient(tracking_uri=evaluated["uri"])
     cfg = load_run_config(evaluated["run_id"], evaluated["uri"])
     model, _ = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
-    model.load_state_dict(load_file(client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))))
+    model.load_state_dict(load_file(client.download_artifacts(evaluated["run_id"], "weights/raw.safetensors", str(tmp_path))))
     model.eval()
     cfg.data.source = resolve_source(cfg.data.source)
     x, y, keys = next(iter(eval_loader(cfg, limit=N, batch_size=N)))
     aa = AutoAttack(model, norm="Linf", eps=4 / 255, version="standard", seed=0, device="cpu")
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=N)
     direct = dict(zip(keys, (y_adv == y).tolist()))
-    ours = {r["id"]: bool(int(r["autoattack/eps4"])) for r in _per_image(client, evaluated["run_id"])}
-    assert ours == direct
+    rows = _per_image(client, evaluated["run_id"])
+    assert {r["id"]: bool(int(r["autoattack/eps4"])) for r in rows} == direct
+    with torch.no_grad():
+        assert {r["id"]: bool(int(r["clean"])) for r in rows} == dict(zip(keys, (model(x).argmax(1) == y).tolist()))
     assert evaluated["eval"]["accuracy"]["autoattack/eps4"] == pytest.approx(sum(direct.values()) / N)
 
 
@@ -79,9 +88,8 @@ def test_torchrun_two_processes_count_each_image_once(demo_run, tmp_path):
     n = 11  # odd, and not a multiple of the batch size: uneven shares
     env = {"GNR_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "gnr"), "eval",
-                           "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", str(n),
-                           "--batch-size", "3", "--attacks", "clean,pgd10", "--eps", "4", "--weights", "raw",
-                           "--json"], capture_output=True, text=True, timeout=300,
+                           "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--limit", str(n),
+                           "--batch-size", "3", "--attacks", "clean,pgd10", "--eps", "4", "--json"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # one JSON document: only rank 0 prints
@@ -89,8 +97,8 @@ def test_torchrun_two_processes_count_each_image_once(demo_run, tmp_path):
     assert summary["batches"] == 4  # 6 + 5 images in batches of 3 per rank
     client = MlflowClient(tracking_uri=demo_run["uri"])
     run = client.get_run(demo_run["run_id"])
-    assert run.data.metrics["eval-raw/n"] == n
-    rows = list(csv.DictReader(open(client.download_artifacts(demo_run["run_id"], "eval-raw/per_image.csv", str(tmp_path)))))
+    assert run.data.metrics["eval/n"] == n
+    rows = list(csv.DictReader(open(client.download_artifacts(demo_run["run_id"], "eval/per_image.csv", str(tmp_path)))))
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == n
     expected = _first_val_keys(demo_run, tmp_path, n)
@@ -112,7 +120,7 @@ def _first_val_keys(demo_run: dict, tmp_path, n: int) -> list[str]:
 def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run, gnr_home, tmp_path, monkeypatch):
     from gnr.evaluate import EvalSpec, evaluate
 
-    spec = EvalSpec(attacks=("clean", "pgd10"), eps=(4.0,), weights="raw", n=12, batch_size=4)
+    spec = EvalSpec(attacks=("clean", "pgd10"), eps=(4.0,), n=12, batch_size=4)
     done = []
 
     def interrupt_after_two(progress):
@@ -136,32 +144,44 @@ def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run,
     assert fresh.resumed_batches == 0 and fresh.accuracy == resumed.accuracy
 
 
-def test_external_weights_are_evaluated_as_a_new_run(evaluated, tmp_path):
+def test_external_weights_are_evaluated_as_a_new_run(evaluated, gnr_home, tmp_path):
+    from gnr.config import build_config
+    from gnr.evaluate import EvalSpec, evaluate_external
+
     client = MlflowClient(tracking_uri=evaluated["uri"])
     weights = client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))
-    proc = run_gnr("eval", "--weights", weights, "--model", "test_resnet", "--tracking-uri", evaluated["uri"],
-                   "--experiment", "tests-external", "--n", 4, "--attacks", "clean", "--json",
-                   env={"GNR_HOME": str(tmp_path / "home")}, check=True)
-    summary = json.loads(proc.stdout)
-    assert summary["run_id"] != evaluated["run_id"]
-    run = client.get_run(summary["run_id"])
+    cfg = build_config("demo", fields={"tracking.uri": evaluated["uri"], "tracking.experiment": "tests-external"})
+    result = evaluate_external(weights, cfg, EvalSpec(attacks=("clean",), n=4))
+    assert result.run_id != evaluated["run_id"]
+    run = client.get_run(result.run_id)
     assert run.data.tags["source"] == "external" and run.info.status == "FINISHED"
     assert run.data.metrics["eval/n"] == 4 and "eval/clean" in run.data.metrics
+    assert run.data.params["model.weights"].endswith("ema.safetensors")
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--run-id", "0123456789abcdef0123456789abcdef"], "no mlflow run"),
     (["--attacks", "clean,deepfool"], "unknown attack 'deepfool'"),
-    (["--eps", "4,eight"], "numbers"),
-    (["--weights", "/nonexistent/model.safetensors"], "weights file not found"),
+    (["--run-id", "abc", "--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
 ])
 def test_bad_input_is_one_line(demo_run, gnr_home, args, needle):
-    if "--run-id" not in args:
-        args = ["--run-id", demo_run["run_id"], *args]
-    proc = run_gnr("eval", *args, "--tracking-uri", demo_run["uri"], "--n", 2, timeout=120)
-    assert_one_line_error(proc, needle)
+    defaults = {"--run-id": demo_run["run_id"], "--tracking-uri": demo_run["uri"]}
+    given = dict(zip(args[::2], args[1::2]))
+    options = [part for key, value in {**defaults, **given}.items() for part in (key, value)]
+    assert_one_line_error(run_gnr("eval", *options, "--n", 2, timeout=120), needle)
 
 
-def test_unreachable_tracking_server_is_one_line(gnr_home):
-    proc = run_gnr("eval", "--run-id", "abc", "--tracking-uri", "http://127.0.0.1:9", timeout=120)
-    assert_one_line_error(proc, "not reachable")
+def test_submit_dry_run_hands_the_same_evaluation_to_the_pod(helm):  # noqa: F811
+    from tests.manifests import objects
+
+    proc = run_gnr("eval", "--run-id", "abc123", "--submit", "--gpus", 2, "--dry-run", "--n", 50, "--ids", "robustbench",
+                   "--attacks", "clean,autoattack", "--eps", "1,4", env={"GNR_HELM": str(helm)}, check=True)
+    (job,) = objects(proc.stdout)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:3] == ["torchrun", "--standalone", "--nproc-per-node=2"]
+    args = command[command.index("eval") + 1:]
+    assert args[:2] == ["--run-id", "abc123"]
+    options = dict(zip(args[2::2], args[3::2]))
+    assert options["--attacks"] == "clean,autoattack" and options["--eps"] == "1,4"
+    assert options["--ids"] == "robustbench" and options["--limit"] == "50"  # torchrun would claim --n

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.integration
 
 RECORDING_HELM = f"""#!{sys.executable}
 # Stands in for `helm upgrade --install` against a cluster: records its arguments and values files.
+# Anything else (helm template) goes to the real helm.
 import json, os, shutil, sys
 record, args = os.environ["HELM_RECORD"], sys.argv[1:]
+if args[0] != "upgrade":
+    os.execv(os.environ["REAL_HELM"], ["helm", *args])
 files = [args[i + 1] for i, a in enumerate(args) if a == "--values"]
 for n, f in enumerate(files):
     shutil.copy(f, os.path.join(record, f"values-{{n}}.yaml"))
@@ -36,14 +39,14 @@ print("Release has been upgraded. Happy Helming!")
 
 
 @pytest.fixture()
-def recording_helm(tmp_path):
+def recording_helm(helm, tmp_path):  # noqa: F811
     """(record dir, env) for a `gnr` that installs through the recording helm."""
     script = tmp_path / "helm"
     script.write_text(RECORDING_HELM)
     script.chmod(0o755)
     record = tmp_path / "helm-record"
     record.mkdir()
-    return record, {"GNR_HELM": str(script), "HELM_RECORD": str(record)}
+    return record, {"GNR_HELM": str(script), "HELM_RECORD": str(record), "REAL_HELM": str(helm)}
 
 
 def test_dry_run_prints_exactly_what_helm_renders(helm, helm_path_env, tmp_path):  # noqa: F811
@@ -170,6 +173,16 @@ def test_failed_install_marks_the_run_failed(recording_helm, fake_kube, mlflow_s
     client = MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("submit-fails").experiment_id])
     assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} marked FAILED" in proc.stderr
+
+
+def test_bad_values_fail_before_any_run_exists(recording_helm, fake_kube, tmp_path):  # noqa: F811
+    record, helm_env = recording_helm
+    _, kube_env = fake_kube
+    bad = write_values(tmp_path / "cluster.yaml", {"tolerations": "all"})
+    proc = run_gnr("submit", "gradnorm", "--gpus", "8", "--values", bad,
+                   env={**helm_env, **kube_env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # never asked
+    assert_one_line_error(proc, "helm template failed: values don't meet the specifications")
+    assert "tolerations" in proc.stderr and not (record / "argv.json").exists()
 
 
 def test_submit_eval_dry_run_renders_the_eval_job(helm, monkeypatch):  # noqa: F811

@@ -245,11 +245,11 @@ volumes:
 {{- if hasKey $cfg "Error" }}
 {{- fail (printf "train.config is not valid YAML: %s" $cfg.Error) }}
 {{- end }}
-{{- $runId := (($cfg.tracking | default dict).run_id) | default "" }}
-{{- if ne $runId .Values.runId }}
+{{- $runId := (($cfg.tracking | default dict).run_id) | default "" | toString }}
+{{- if ne $runId (toString .Values.runId) }}
 {{- fail (printf "train.config has tracking.run_id %q but runId is %q" $runId .Values.runId) }}
 {{- end }}
-{{- $ckpt := (($cfg.checkpoint | default dict).dir) | default "" }}
+{{- $ckpt := (($cfg.checkpoint | default dict).dir) | default "" | toString }}
 {{- if ne $ckpt "/checkpoints" }}
 {{- fail (printf "train.config has checkpoint.dir %q; the checkpoint volume is mounted at /checkpoints" $ckpt) }}
 {{- end }}
