@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-unit image lint clean
+.PHONY: install test test-unit image image-mlflow clean
 
 install:  ## create .venv and install gnr (editable) with dev extras
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ test-unit:
 
 image:  ## container image for the cluster
 	docker build -t gnr:$$($(BIN)/python -c 'import gnr; print(gnr.__version__)') .
+
+image-mlflow:  ## MLflow tracking server image for k8s/
+	docker build --target mlflow-server -t gnr-mlflow:$$($(BIN)/python -c 'import gnr; print(gnr.__version__)') .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -69,10 +69,10 @@ def gradients(
                                weights=weights, uri=tracking_uri, device=device, out=out)
     if as_json:
         return print_json(result)
-    from cli.render import key_values
+    from cli.render import gradient_table
 
-    for run, stats in result.items():
-        console.print(key_values(f"{stats['label']} ({run})", {k: v for k, v in stats.items() if k != "label"}))
+    console.print(gradient_table(result))
+    console.print("\n".join(f for stats in result.values() for f in stats["files"]))
 
 
 @app.command("figures", context_settings={"allow_extra_args": True})

@@ -44,12 +44,14 @@ app.add_typer(jobs.app, name="jobs")
 
 
 def main() -> None:
+    from rich.markup import escape
+
     from gnr.errors import GnrError
 
     try:
         app()
     except GnrError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

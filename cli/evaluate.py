@@ -1,5 +1,6 @@
 """`gnr eval`: clean / PGD / AutoAttack accuracy of a run, logged back into the same MLflow run."""
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +49,7 @@ def evaluate(
     if submit:
         return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
-    on_batch, progress = _progress_bar(as_json)
+    on_batch, progress = _progress_bar(as_json or os.environ.get("RANK", "0") != "0")
     with progress:
         if external:
             from gnr.config import build_config
@@ -72,7 +73,7 @@ def evaluate(
 
 
 def _progress_bar(quiet: bool):
-    """A rich progress bar (images/s, running accuracies) on stderr, or nothing for --json."""
+    """A rich progress bar (images/s, running accuracies) on stderr; nothing for --json or torchrun ranks > 0."""
     from contextlib import nullcontext
 
     if quiet:

@@ -45,13 +45,13 @@ def eval_summary(result):
     from rich.console import Group
     from rich.text import Text
 
-    table = Table(title=f"gnr eval: {result.n} images, {result.weights} weights", title_justify="left",
-                  caption=f"run {result.run_id}", caption_justify="left")
+    table = Table()
     table.add_column("measure")
     table.add_column("accuracy %", justify="right")
     for name, acc in result.accuracy.items():
         table.add_row(name, f"{100 * acc:.2f}")
-    lines = [table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
+    head = Text(f"gnr eval of run {result.run_id}: {result.n} images, {result.weights} weights", style="bold")
+    lines = [head, table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
                          f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with {result.metric_prefix}/per_image.csv")]
     if result.warnings:
         lines += [Text(f"warning: {w}", style="bold red") for w in result.warnings]
@@ -81,4 +81,19 @@ def key_values(title: str, values: dict) -> Table:
                 table.add_row(f"{name} {sub}", _fmt(v))
         else:
             table.add_row(name, _fmt(value))
+    return table
+
+
+def gradient_table(results: dict) -> Table:
+    """The paper's Table 1 columns per run, plus the R/G/B shares of the L1 norm and edge alignment."""
+    table = Table(title="Input-gradient statistics (Table 1)", title_justify="left")
+    columns = [("clean%", "clean_acc", 100), ("PGD10%", "pgd10_acc", 100), ("E[L1]", "l1_mean", 1),
+               ("E[L1|✓]", "l1_mean_robust", 1), ("E[L1|✗]", "l1_mean_broken", 1), ("edge r", "edge_corr_mean", 1)]
+    table.add_column("run")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    table.add_column("RGB %", justify="right")
+    for s in results.values():
+        shares = "/".join(f"{100 * s[f'l1_share_{c}']:.0f}" for c in "RGB")
+        table.add_row(s["label"], *(f"{scale * s[key]:.3g}" for _, key, scale in columns), shares)
     return table

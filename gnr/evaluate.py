@@ -126,8 +126,15 @@ def build_evaluated_model(cfg: RunConfig, weights_file: str | Path, device: torc
     return model.to(device).eval().requires_grad_(False)
 
 
+@dataclass
+class RunModel:
+    model: nn.Module
+    cfg: RunConfig
+    digest: str  # sha1 of the weights file: a retrained run invalidates cached results
+
+
 def load_run_model(run_id: str, weights: str = "ema", uri: str | None = None,
-                   device: torch.device | str = "cpu") -> tuple[nn.Module, RunConfig]:
+                   device: torch.device | str = "cpu") -> RunModel:
     """A run's trained model (``ema`` or ``raw`` weights from MLflow) and the config it was trained with."""
     from gnr.tracking import download_weights, load_run_config
 
@@ -136,7 +143,7 @@ def load_run_model(run_id: str, weights: str = "ema", uri: str | None = None,
     cfg = load_run_config(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_weights(run_id, weights, tmp, uri)
-        return build_evaluated_model(cfg, path, torch.device(device)), cfg
+        return RunModel(build_evaluated_model(cfg, path, torch.device(device)), cfg, file_digest(path))
 
 
 def load_ids(ids: str) -> list[str]:
@@ -282,7 +289,10 @@ class BatchCache:
         names = sorted(k for k in rows[0] if k not in ("id", "label"))
         path = self.root / f"batch-{digest}-{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(rows))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(rows))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
 
@@ -332,16 +342,11 @@ class EvalResult:
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
     """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
-    from gnr.tracking import download_weights, load_run_config
-
     dist = distributed.init(spec.device)
     try:
-        cfg = load_run_config(run_id, uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            weights_file = download_weights(run_id, spec.weights, tmp, uri)
-            model = build_evaluated_model(cfg, weights_file, dist.device)
-        identity = {"run_id": run_id, "weights": spec.weights}
-        return _run(model, cfg, run_id, identity, spec, dist, uri, on_batch)
+        loaded = load_run_model(run_id, spec.weights, uri, dist.device)
+        identity = {"run_id": run_id, "weights": loaded.digest}
+        return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)
     finally:
         distributed.close()
 
@@ -364,8 +369,7 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
             if dist.is_main else None
         run_id = distributed.broadcast_object(run_id)
         writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
-        stat = path.stat()
-        identity = {"run_id": run_id, "weights": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+        identity = {"run_id": run_id, "weights": file_digest(path)}
         result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
         status = "FINISHED"
         return result
@@ -375,50 +379,42 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         distributed.close()
 
 
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Shard:
+    """One rank's part of an evaluation."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    batches: int = 0
+    resumed: int = 0
+
+
 def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: EvalSpec,
          dist: distributed.Dist, uri: str | None, on_batch) -> EvalResult:
     started = time.perf_counter()
     cfg = resolved_data(cfg, spec.data, dist.is_main)
-    measures = spec.measures()
     split = spec.split or cfg.data.val_split
     cache = BatchCache(cache_dir({**identity, "source": cfg.data.source, "split": split, "seed": spec.seed,
                                  "img_size": cfg.data.img_size, "eval_resize": cfg.data.eval_resize}))
-    done = cache.load()
-    distributed.barrier()  # every rank has read the cache before any writes to it
-    mine: dict[str, dict] = {}
-    aa_log: list[str] = []
-    batches = resumed = 0
-    computed_images, computed_s = 0, 0.0
-    total = _expected_images(cfg, spec, split, dist.world)
-    for x, y, keys in image_batches(cfg, split=split, ids=spec.ids, n=spec.n, batch_size=spec.batch_size,
-                                    rank=dist.rank, world=dist.world):
-        batches += 1
-        todo = [m for m in measures if any(m.name not in done.get(k, {}) for k in keys)]
-        if todo:
-            t0 = time.perf_counter()
-            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec.seed, aa_log)
-            cache.write(rows)
-            for row in rows:
-                done.setdefault(row["id"], {}).update(row)
-            computed_images += len(keys)
-            computed_s += time.perf_counter() - t0
-        else:
-            resumed += 1
-        for k in keys:
-            mine[k] = {"id": k, "label": done[k]["label"], **{m.name: done[k][m.name] for m in measures}}
-        if on_batch and dist.is_main:
-            on_batch(BatchProgress(len(mine), total, computed_images / computed_s if computed_s else 0.0,
-                                   _accuracy(mine.values(), measures), resumed=not todo))
-    rows = _gather(mine)
-    counts = distributed.all_sum(torch.tensor([batches, resumed], dtype=torch.float64, device=dist.device))
-    batches, resumed = (int(c) for c in counts.tolist())
-    if not rows:
+    mine = _evaluate_shard(model, cfg, spec, split, cache, dist, on_batch if dist.is_main else None)
+    shard = _gather(mine)
+    if not shard.rows:
         raise GnrError("no images selected: check --data, --ids and --n")
+    measures = spec.measures()
+    rows = [shard.rows[k] for k in sorted(shard.rows)]
     accuracy = _accuracy(rows, measures)
-    warnings = sanity_warnings(accuracy, measures) + sorted(set(aa_log))
     prefix = "eval" if spec.weights in ("ema", "file") else f"eval-{spec.weights}"
-    result = EvalResult(run_id=run_id, weights=spec.weights, n=len(rows), accuracy=accuracy, warnings=warnings,
-                        batches=batches, resumed_batches=resumed, elapsed_s=time.perf_counter() - started,
+    result = EvalResult(run_id=run_id, weights=spec.weights, n=len(rows), accuracy=accuracy,
+                        warnings=sanity_warnings(accuracy, measures) + sorted(set(shard.warnings)),
+                        batches=shard.batches, resumed_batches=shard.resumed, elapsed_s=time.perf_counter() - started,
                         csv_path=str(cache.root / "per_image.csv"), metric_prefix=prefix, is_main=dist.is_main,
                         settings={"data": cfg.data.source, "split": split, "ids": spec.ids, "n": spec.n,
                                   "attacks": list(spec.attacks), "eps_255": list(spec.eps), "seed": spec.seed,
@@ -427,6 +423,37 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
         write_rows(rows, Path(result.csv_path))
         log_to_run(result, uri)
     return result
+
+
+def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str, cache: BatchCache,
+                    dist: distributed.Dist, on_batch) -> Shard:
+    """This rank's images, batch by batch: cached results where every measure is on disk, else attacked."""
+    measures = spec.measures()
+    done = cache.load()
+    distributed.barrier()  # every rank has read the cache before any rank writes to it
+    shard = Shard()
+    computed_images, computed_s = 0, 0.0
+    total = _expected_images(cfg, spec, split, dist.world)
+    for x, y, keys in image_batches(cfg, split=split, ids=spec.ids, n=spec.n, batch_size=spec.batch_size,
+                                    rank=dist.rank, world=dist.world):
+        shard.batches += 1
+        todo = [m for m in measures if any(m.name not in done.get(k, {}) for k in keys)]
+        if todo:
+            t0 = time.perf_counter()
+            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec.seed, shard.warnings)
+            cache.write(rows)
+            for row in rows:
+                done.setdefault(row["id"], {}).update(row)
+            computed_images += len(keys)
+            computed_s += time.perf_counter() - t0
+        else:
+            shard.resumed += 1
+        for k in keys:
+            shard.rows[k] = {"id": k, "label": done[k]["label"], **{m.name: done[k][m.name] for m in measures}}
+        if on_batch:
+            on_batch(BatchProgress(len(shard.rows), total, computed_images / computed_s if computed_s else 0.0,
+                                   _accuracy(shard.rows.values(), measures), resumed=not todo))
+    return shard
 
 
 def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> int:
@@ -449,19 +476,22 @@ def _attack_batch(model, x, y, keys, measures, seed, aa_log) -> list[dict]:
             for i, k in enumerate(keys)]
 
 
-def _gather(mine: dict[str, dict]) -> list[dict]:
-    """Every rank's rows on every rank, each image once (the loader gives each image to one rank)."""
+def _gather(mine: Shard) -> Shard:
+    """Every rank's shard combined, on every rank; an image evaluated by two ranks is an error."""
     parts = [mine]
     if tdist.is_initialized():
         parts = [None] * tdist.get_world_size()
         tdist.all_gather_object(parts, mine)
-    seen: dict[str, dict] = {}
+    out = Shard()
     for part in parts:
-        twice = seen.keys() & part.keys()
+        twice = out.rows.keys() & part.rows.keys()
         if twice:
             raise GnrError(f"image {sorted(twice)[0]} was evaluated by two ranks: the loader's sharding is broken")
-        seen.update(part)
-    return [seen[k] for k in sorted(seen)]
+        out.rows.update(part.rows)
+        out.warnings += part.warnings
+        out.batches += part.batches
+        out.resumed += part.resumed
+    return out
 
 
 def _accuracy(rows: Iterable[dict], measures: list[Measure]) -> dict[str, float]:

@@ -29,9 +29,9 @@ from gnr.objectives import build_objective
 from gnr.scoring import autocast, clean_and_pgd_accuracy
 from gnr.tracking import Tracker, check_reachable, resolve_uri
 
-# Fields that may differ between the run's stored config and a resumed process (paths, workers,
-# logging); anything else changing under a resume would silently change the experiment.
-RESUME_MAY_DIFFER = ("tracking", "checkpoint", "runtime.device", "data.source", "data.workers", "eval.batch_size")
+# Fields that may differ between the run's stored config and a resumed process (paths, logging);
+# anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
+RESUME_MAY_DIFFER = ("tracking", "checkpoint", "runtime.device", "data.source", "eval.batch_size")
 
 
 @dataclass
@@ -226,7 +226,7 @@ class Trainer:
             it = iter(islice(batches, micro - done_in_epoch * cfg.optim.accum_steps))
             while self.update < self.total_updates and self.update // self.updates_per_epoch == epoch:
                 t0 = time.perf_counter()
-                parts, nonfinite = self.step(it, epoch)
+                parts, nonfinite = self.step(it)
                 self.step_times.append(time.perf_counter() - t0)
                 window.add(parts, self.global_batch)
                 # An epoch's last step is saved by end_epoch, after the held-out check.
@@ -246,10 +246,10 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
             if self.update % self.updates_per_epoch == 0 or self.update >= self.total_updates:
-                self.end_epoch()
+                self.end_epoch(skipped_samples=batches.skipped_samples)
         return "FINISHED"
 
-    def step(self, batches, epoch: int) -> tuple[dict[str, float], float]:
+    def step(self, batches) -> tuple[dict[str, float], float]:
         """One optimizer update over `accum_steps` micro-batches. Returns (mean parts, non-finite flag)."""
         cfg = self.cfg
         accum = cfg.optim.accum_steps
@@ -294,7 +294,7 @@ class Trainer:
                         "train/epoch": self.update / self.updates_per_epoch})
         self.tracker.log_metrics(metrics, step=self.update)
 
-    def end_epoch(self) -> dict[str, float]:
+    def end_epoch(self, skipped_samples: int = 0) -> dict[str, float]:
         cfg = self.cfg
         scored = self.ema.module if self.ema else self.model
         result = {}
@@ -310,7 +310,7 @@ class Trainer:
         if self.tracker is not None:
             metrics = {"holdout/clean_acc": result.get("clean_acc", float("nan")),
                        f"holdout/pgd{cfg.eval.pgd_steps}_acc": result.get("pgd_acc", float("nan")),
-                       "epoch": self.update / self.updates_per_epoch}
+                       "epoch": self.update / self.updates_per_epoch, "data/skipped_samples": skipped_samples}
             self.tracker.log_metrics(metrics, step=self.update)
             self._log_checkpoint(path, "last.pt")
             if is_best:

@@ -115,16 +115,18 @@ def summarize(s: SampleStats) -> dict[str, float]:
 def histogram_figure(s: SampleStats, title: str):
     """Per-sample log10 ‖∇ₓℓ‖₁ split by correct / incorrect, and per colour channel."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     log_l1 = s.l1.clamp_min(LOG_FLOOR).log10().numpy()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    bins = 30
+    bins = np.histogram_bin_edges(log_l1, bins=30)
     for mask, label, colour in ((s.correct, "correct", "tab:green"), (~s.correct, "incorrect", "tab:red")):
         if mask.any():
             left.hist(log_l1[mask.numpy()], bins=bins, alpha=0.6, label=f"{label} ({int(mask.sum())})", color=colour)
     left.set(xlabel="log10 ‖∇ₓℓ‖₁ per sample", ylabel="images", title="by clean prediction")
     left.legend()
     log_ch = s.l1_channels.clamp_min(LOG_FLOOR).log10().numpy()
+    bins = np.histogram_bin_edges(log_ch, bins=30)
     for j, (c, colour) in enumerate(zip(CHANNELS, ("tab:red", "tab:green", "tab:blue"))):
         right.hist(log_ch[:, j], bins=bins, alpha=0.5, label=c, color=colour)
     right.set(xlabel="log10 ‖∇ₓℓ‖₁ of one channel", title="by colour channel")
@@ -157,7 +159,7 @@ def analyze_gradients(run_ids: list[str], *, n: int = 10000, eps: float = 4.0, d
     for run in load_runs(run_ids, weights=weights, uri=uri, device=dev):
         stats = sample_stats(run.model, run.images(data=data, n=n, batch_size=batch_size), eps=eps / 255, device=dev)
         summary = summarize(stats)
-        here = folder / run.run_id
+        here = folder / run.run_id[:8]
         here.mkdir(exist_ok=True)
         (here / "stats.json").write_text(json.dumps(
             {"run_id": run.run_id, "label": run.label, "weights": weights, "eps_255": eps, **summary}, indent=2))

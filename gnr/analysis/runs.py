@@ -36,8 +36,8 @@ def load_runs(run_ids: list[str], *, weights: str = "ema", uri: str | None = Non
     labels = [f"{lab} {r.run_id[:6]}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, records)]
     out = []
     for record, label in zip(records, labels):
-        model, cfg = load_run_model(record.run_id, weights, uri, device)
-        out.append(AnalysedRun(record.run_id, label, cfg, model))
+        loaded = load_run_model(record.run_id, weights, uri, device)
+        out.append(AnalysedRun(record.run_id, label, loaded.cfg, loaded.model))
     return out
 
 

@@ -24,6 +24,7 @@ from gnr.data.shards import JPEG_SUFFIXES, write_imagefolder
 from gnr.errors import GnrError
 
 ROUNDS = 5  # the pipelines alternate and medians are reported: the CPU may be shared with other work
+TRANSFORM_FIELDS = {"scale", "hflip", "auto_augment", "color_jitter", "reprob", "remode", "interpolation"}
 
 
 def bench_loader(data: str | Path, *, batch_size: int = 64, workers: int = 1, img_size: int = 224,
@@ -50,7 +51,8 @@ def bench_loader(data: str | Path, *, batch_size: int = 64, workers: int = 1, im
     gnr_summary, folder_summary = _summary(gnr, workers), _summary(folder, workers)
     return {
         "data": str(data), "images": images, "batch_size": batch_size, "workers": workers, "img_size": img_size,
-        "timed_batches": batches, "rounds": ROUNDS, "augment": cfg.augment.model_dump(mode="json"),
+        "timed_batches": batches, "rounds": ROUNDS,
+        "transforms": cfg.augment.model_dump(mode="json", include=TRANSFORM_FIELDS),
         "gnr_webdataset": gnr_summary,
         "torchvision_imagefolder": folder_summary,
         "ratio_gnr_to_imagefolder": {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from itertools import count, islice
@@ -49,7 +50,7 @@ def resolve_source(source: str) -> str:
         from gnr.data.shards import ensure_demo
 
         return str(ensure_demo())
-    return source
+    return os.path.expanduser(source)
 
 
 def steps_per_epoch(cfg: RunConfig, world: int) -> int:

@@ -66,7 +66,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = {"format": FORMAT, "split": self.split, "total": self.total, "image": self.image,
-                "classes": list(self.classes), "shards": [asdict(s) for s in self.shards]}
+                "shards": [asdict(s) for s in self.shards], "classes": list(self.classes)}
         if self.ids is not None:
             data["ids"] = self.ids
         return json.dumps(data, indent=1) + "\n"
@@ -106,12 +106,13 @@ def read_manifest(source: str, split: str) -> Manifest:
         raise GnrError(f"{url} is not a gnr shard manifest ({type(e).__name__}: {e})") from None
     except OSError as e:
         raise GnrError(f"cannot read {url}: {e}") from None
-    if selected is None:
-        return manifest
-    shards = tuple(s for s in manifest.shards if s.name in selected)
-    if not shards:
-        raise GnrError(f"{source} names none of the {len(manifest.shards)} {split} shards in {url}")
-    return replace(manifest, shards=shards)
+    if selected is not None:
+        manifest = replace(manifest, shards=tuple(s for s in manifest.shards if s.name in selected))
+        if not manifest.shards:
+            raise GnrError(f"{source} names none of the {split} shards listed in {url}")
+    if manifest.total == 0:
+        raise GnrError(f"the {split} shards at {location} hold no samples")
+    return manifest
 
 
 def _split_pattern(source: str) -> tuple[str, set[str] | None]:

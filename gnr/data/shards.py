@@ -22,6 +22,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+from PIL import Image
+
 from gnr import paths
 from gnr.data.manifest import Manifest, Shard, manifest_name, shard_name
 from gnr.errors import GnrError
@@ -34,7 +37,7 @@ ROBUSTBENCH_IDS = "robustbench"
 Sample = tuple[str, int, bytes]  # key, class index, encoded image
 
 
-def asset(name: str) -> Path:
+def _asset(name: str) -> Path:
     return Path(str(resources.files("gnr") / "assets" / name))
 
 
@@ -82,7 +85,7 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
 
 
 def _write_shard(path: Path, samples: tuple[Sample, ...], image: str) -> Shard:
-    import webdataset as wds
+    import webdataset as wds  # imports torch: not before there is something to write
 
     with _replacing(path) as tmp:
         with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tar:
@@ -165,7 +168,7 @@ def _find_jpegs(root: Path) -> list[Path]:
 
 
 def _read_class_map(class_map: str | Path | None) -> dict[str, int]:
-    path = Path(class_map) if class_map else asset("imagenet_class_to_id_map.json")
+    path = Path(class_map) if class_map else _asset("imagenet_class_to_id_map.json")
     try:
         index = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError) as e:
@@ -183,7 +186,7 @@ def _class_index(index: dict[str, int], wnid: str, class_map: str | Path | None)
 
 
 def _select_ids(files: list[Path], ids: str, root: Path) -> tuple[list[Path], dict]:
-    path = asset("imagenet_test_image_ids.txt") if ids == ROBUSTBENCH_IDS else Path(ids)
+    path = _asset("imagenet_test_image_ids.txt") if ids == ROBUSTBENCH_IDS else Path(ids)
     if not path.is_file():
         raise GnrError(f"ids file not found: {path}")
     wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
@@ -207,8 +210,8 @@ def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False,
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    order = range(len(digits.target))
-    train, val = train_test_split(list(order), test_size=0.2, stratify=digits.target, random_state=seed)
+    indices = list(range(len(digits.target)))
+    train, val = train_test_split(indices, test_size=0.2, stratify=digits.target, random_state=seed)
     classes = [str(c) for c in digits.target_names]
     manifests = {}
     for split, chosen in (("train", train), ("val", sorted(val))):
@@ -218,12 +221,9 @@ def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False,
     return manifests
 
 
-def _digit_png(pixels) -> bytes:
+def _digit_png(pixels: np.ndarray) -> bytes:
     """8x8 intensities in 0..16 -> 32x32 RGB PNG (lossless)."""
-    import numpy as np
-    from PIL import Image
-
-    grey = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
+    grey = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8))
     buffer = io.BytesIO()
     grey.resize((32, 32), Image.Resampling.BICUBIC).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()

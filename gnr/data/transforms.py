@@ -45,17 +45,26 @@ def train_transform(cfg: RunConfig) -> Transform:
     pipeline.transforms[0] = DraftRandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
                                                     interpolation=a.interpolation)
     pipeline.transforms.append(ToPixels(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    for op in (op for t in pipeline.transforms for op in getattr(t, "ops", ())):
+    for op in _augment_ops(pipeline.transforms):
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = posterize
     return pipeline
+
+
+def _augment_ops(transforms: list) -> Iterator[auto_augment.AugmentOp]:
+    """The ops of RandAugment / AugMix (``ops``) and AutoAugment (``policy``: lists of ops)."""
+    for t in transforms:
+        yield from getattr(t, "ops", ())
+        for sub_policy in getattr(t, "policy", ()):
+            yield from sub_policy
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     """timm's posterize, including its 0-bit case (an all-black image), which Pillow 13 rejects.
 
     RandAugment ``m9-mstd0.5`` reaches magnitude 10 in 2.3% of draws, where PosterizeIncreasing keeps
-    0 bits: about one batch of 64 in ten would crash with "bits must be between or equal to 1 and 8"."""
+    0 bits: about one batch of 64 in ten would crash with "bits must be between or equal to 1 and 8".
+    AutoAugment's v0 policy asks for 0 bits too."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return auto_augment.posterize(img, bits_to_keep, **kwargs)

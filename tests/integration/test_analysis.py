@@ -23,9 +23,9 @@ def _artifacts(uri: str, run_id: str, folder: str) -> set[str]:
 def _first_images(run_id: str, uri: str, n: int):
     from gnr.evaluate import load_run_model, resolved_data, image_batches
 
-    model, cfg = load_run_model(run_id, "raw", uri)
-    x, y, keys = next(iter(image_batches(resolved_data(cfg), n=n, batch_size=n)))
-    return model, x, y, keys
+    loaded = load_run_model(run_id, "raw", uri)
+    x, y, keys = next(iter(image_batches(resolved_data(loaded.cfg), n=n, batch_size=n)))
+    return loaded.model, x, y, keys
 
 
 def test_curve_is_monotone_reaches_zero_and_starts_at_clean_accuracy(demo_run, gnr_home):

@@ -144,6 +144,19 @@ def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run,
     assert fresh.resumed_batches == 0 and fresh.accuracy == resumed.accuracy
 
 
+def test_ids_file_selects_the_first_n_listed_images(demo_run, gnr_home, tmp_path):
+    from gnr.evaluate import EvalSpec, evaluate
+
+    keys = _first_val_keys(demo_run, tmp_path, 40)
+    listed = [keys[5], "digit-9999", keys[2], keys[39], keys[7]]  # one id that is not in the split
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"{k}.png\n" for k in listed))
+    result = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), ids=str(ids), n=4, batch_size=2),
+                      uri=demo_run["uri"])
+    rows = list(csv.DictReader(open(result.csv_path)))
+    assert sorted(r["id"] for r in rows) == sorted([keys[5], keys[2], keys[39]])
+
+
 def test_external_weights_are_evaluated_as_a_new_run(evaluated, gnr_home, tmp_path):
     from gnr.config import build_config
     from gnr.evaluate import EvalSpec, evaluate_external

@@ -14,7 +14,10 @@ from gnr.errors import GnrError
 
 
 def demo_config(source, **fields):
-    return build_config("demo", fields={"data.source": str(source), "data.workers": 0, **fields})
+    """The demo preset, with the sizes these tests count on pinned."""
+    pinned = {"data.source": str(source), "data.workers": 0, "data.img_size": 32, "data.eval_resize": 32,
+              "optim.batch_size": 64}
+    return build_config("demo", fields={**pinned, **fields})
 
 
 def test_every_rank_gets_the_same_number_of_full_batches(demo_shards):
@@ -63,7 +66,7 @@ def test_brace_pattern_selects_a_subset_of_shards(demo_shards):
     subset = read_manifest(f"{demo_shards}/train-{{000000..000001}}.tar", "train")
     assert [s.name for s in subset.shards] == ["train-000000.tar", "train-000001.tar"] and subset.total == 512
     assert steps_per_epoch(demo_config(f"{demo_shards}/train-{{000000..000001}}.tar"), 1) == 8
-    with pytest.raises(GnrError, match="names none of the 6 train shards"):
+    with pytest.raises(GnrError, match="names none of the train shards"):
         read_manifest(f"{demo_shards}/train-{{000100..000101}}.tar", "train")
 
 

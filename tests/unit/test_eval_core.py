@@ -87,3 +87,11 @@ def test_robust_correct_is_never_above_clean_and_autoattack_matches_pyautoattack
     _, y_adv = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=0, device="cpu") \
         .run_standard_evaluation(x, y, batch_size=16)
     assert torch.equal(ours, y_adv == y)
+
+
+def test_robustbench_ids_are_shipped():
+    from gnr.evaluate import load_ids
+
+    ids = load_ids("robustbench")
+    assert len(ids) == len(set(ids)) == 5000
+    assert all("/" in i and not i.endswith(".JPEG") for i in ids)
