@@ -1,5 +1,6 @@
 """Rich renderings of core results (the core returns data; only the CLI draws)."""
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -97,3 +98,32 @@ def gradient_table(results: dict) -> Table:
         shares = "/".join(f"{100 * s[f'l1_share_{c}']:.0f}" for c in "RGB")
         table.add_row(s["label"], *(f"{scale * s[key]:.3g}" for _, key, scale in columns), shares)
     return table
+
+
+class TrainProgress:
+    """A rich progress bar fed by the trainer's events (step losses, held-out accuracy)."""
+
+    def __init__(self, console):
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+        self.holdout = ""
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, event: dict) -> None:
+        if "holdout" in event:
+            h = event["holdout"]
+            self.holdout = f"held-out clean {h['clean_acc']:.3f} pgd {h['pgd_acc']:.3f}"
+            if self.task is not None:
+                self.progress.update(self.task, info=self.holdout)
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=event["total"], completed=event["update"] - 1, info="")
+        info = f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} " + self.holdout
+        self.progress.update(self.task, completed=event["update"], info=info)

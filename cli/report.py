@@ -22,10 +22,7 @@ def report(
 
     if fmt not in ("table", "markdown", "csv"):
         raise GnrError(f"--format is table, markdown or csv (got '{fmt}')")
-    run_ids = run_ids_of(run_id)
-    if not experiment and not run_ids:
-        raise GnrError("choose runs with --experiment NAME or --run-id ID ...")
-    table = build(experiment=experiment, run_ids=run_ids, uri=tracking_uri)
+    table = build(experiment=experiment, run_ids=run_ids_of(run_id), uri=tracking_uri)
     if fmt == "table":
         from cli.render import report_table
 

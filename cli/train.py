@@ -57,7 +57,13 @@ def train(
 
     from gnr.train import train as run_training
 
-    result = run_training(cfg)
+    if as_json:
+        result = run_training(cfg)
+    else:
+        from cli.render import TrainProgress
+
+        with TrainProgress(console) as progress:
+            result = run_training(cfg, on_event=progress.update)
     if not result.is_main:
         return
     if as_json:

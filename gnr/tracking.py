@@ -240,10 +240,12 @@ def find_runs(experiment: str | None = None, run_ids: list[str] | tuple[str, ...
     resolved = resolve_uri(uri)
     if run_ids:
         runs = [get_run(r, resolved) for r in run_ids]
+    elif not experiment:
+        raise GnrError("choose runs with --experiment NAME or --run-id ID ...")
     else:
         check_reachable(resolved)
         c = client(resolved)
-        exp = c.get_experiment_by_name(experiment or "gnr")
+        exp = c.get_experiment_by_name(experiment)
         if exp is None:
             raise GnrError(f"no MLflow experiment '{experiment}' at {redact(resolved)}")
         runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=10000)

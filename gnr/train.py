@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -116,13 +116,19 @@ def export_weights(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+ProgressFn = Callable[[dict[str, Any]], None]
+"""Receives ``{"update", "total", "epoch", "loss", ...}`` after each step and ``{"holdout": {...}}``
+after each epoch's held-out check, on rank 0 only; the CLI draws it (the core draws nothing)."""
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist: distributed.Dist):
+    def __init__(self, cfg: RunConfig, dist: distributed.Dist, on_event: ProgressFn | None = None):
         import timm.optim
         import timm.scheduler
         import timm.utils
 
         self.cfg, self.dist = cfg, dist
+        self.on_event = on_event if dist.is_main else None
         self.run_id, self.tracker = "", None
         self.device = dist.device
         self.amp = amp_dtype(cfg, self.device)
@@ -229,6 +235,9 @@ class Trainer:
                 parts, nonfinite = self.step(it)
                 self.step_times.append(time.perf_counter() - t0)
                 window.add(parts, self.global_batch)
+                if self.on_event:
+                    self.on_event({"update": self.update, "total": self.total_updates, **parts,
+                                   "epoch": self.update / self.updates_per_epoch})
                 # An epoch's last step is saved by end_epoch, after the held-out check.
                 due = (time.monotonic() - last_save > cfg.checkpoint.every_minutes * 60
                        and self.update % self.updates_per_epoch != 0)
@@ -316,6 +325,8 @@ class Trainer:
             if is_best:
                 self._log_checkpoint(path, "best.pt")
         self.last_eval = result
+        if self.on_event and result:
+            self.on_event({"holdout": result, "epoch": self.update / self.updates_per_epoch})
         return result
 
     def _log_checkpoint(self, path: Path, name: str) -> None:
@@ -374,7 +385,7 @@ def _resolve_data(cfg: RunConfig, dist: distributed.Dist) -> RunConfig:
     return out
 
 
-def train(cfg: RunConfig) -> RunResult:
+def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
     cfg = cfg.model_copy(deep=True)
     dist = distributed.init(cfg.runtime.device)
     tracker = None
@@ -385,7 +396,7 @@ def train(cfg: RunConfig) -> RunResult:
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         check_reachable(resolve_uri(cfg.tracking.uri))
-        trainer = Trainer(_resolve_data(cfg, dist), dist)  # bad model / data fail here, before a run exists
+        trainer = Trainer(_resolve_data(cfg, dist), dist, on_event)  # bad model / data fail here, before a run exists
         run_id, tracker = _start_run(cfg, dist)
         trainer.attach(run_id, tracker)
         trainer.resume()

@@ -1,6 +1,7 @@
 """`gnr analyze curve|gradients|figures` on a demo-preset run logged to a real MLflow server.
 
-The run's raw weights: after the fixture's 12 steps its EMA weights are still a near-constant classifier.
+The run's raw weights: after the fixture's 12 steps they classify most digits, while the EMA weights
+(decay 0.99) are still close to the initialisation.
 """
 
 import csv
