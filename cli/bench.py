@@ -1,7 +1,5 @@
 """`gnr bench loader|step`: throughput measurements printed as JSON."""
 
-from typing import Optional
-
 import typer
 
 from cli.common import parse_csv, print_json

@@ -90,7 +90,7 @@ def gradient_table(results: dict) -> Table:
     table = Table(title="Input-gradient statistics (Table 1)", title_justify="left")
     columns = [("clean%", "clean_acc", 100), ("PGD10%", "pgd10_acc", 100), ("E[L1]", "l1_mean", 1),
                ("E[L1|✓]", "l1_mean_robust", 1), ("E[L1|✗]", "l1_mean_broken", 1), ("edge r", "edge_corr_mean", 1)]
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("RGB %", justify="right")

@@ -254,5 +254,7 @@ def find_runs(experiment: str | None = None, run_ids: list[str] | tuple[str, ...
 
 
 # MLflow prints "View run ... at: URL" on stdout when a run on a tracking server ends; stdout belongs
-# to `--json` output (`gnr ... --json | jq`), and `ui_command` already says where the run is.
+# to `--json` output (`gnr ... --json | jq`), and `ui_command` already says where the run is. Its
+# per-download tqdm bars would interleave with gnr's own rich progress on stderr.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -56,6 +56,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll a loopback server started by a test until `url` answers (False: it died or timed out)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback with a SQLite backend and a proxied artifact store."""
@@ -69,16 +81,9 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    if not wait_for_http(f"{uri}/health", proc, timeout=120):
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
     yield uri
     proc.terminate()
     try:

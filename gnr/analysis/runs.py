@@ -22,7 +22,7 @@ class AnalysedRun:
     model: nn.Module
 
     def images(self, *, data: str | None = None, n: int | None = None, batch_size: int = 100) -> Iterator[Batch]:
-        """The first ``n`` images of the run's validation split (or of ``data``), preprocessed as in training."""
+        """The first ``n`` images of the run's validation split (or of ``data``), preprocessed as for evaluation."""
         cfg = resolved_data(self.cfg, data)
         return image_batches(cfg, split=cfg.data.val_split, n=n, batch_size=batch_size)
 

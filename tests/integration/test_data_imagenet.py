@@ -6,8 +6,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from gnr.data.manifest import read_manifest
 from gnr.data.shards import write_imagefolder
 from gnr.data.transforms import DraftRandomResizedCrop, open_image, seeded
 from gnr.errors import GnrError
-from tests.conftest import _free_port
+from tests.conftest import _free_port, wait_for_http
 from tests.unit.test_data_shards import tar_samples
 
 pytestmark = pytest.mark.integration
@@ -131,14 +129,7 @@ def test_http_source_reads_the_same_samples(jpeg_shards):
                               cwd=jpeg_shards, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/val.json", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "http.server did not start"
-                time.sleep(0.2)
+        assert wait_for_http(f"{url}/val.json", server, timeout=20), "http.server did not start"
         keys = [k for _, _, ks in eval_loader(jpeg_config(url, workers=0)) for k in ks]
         assert keys == list(shard_contents(jpeg_shards, "val"))
     finally:
