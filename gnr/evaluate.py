@@ -32,6 +32,7 @@ from torch import nn
 
 from gnr import distributed, paths
 from gnr.config import RunConfig
+from gnr.data.shards import file_sha256
 from gnr.errors import GnrError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -143,7 +144,7 @@ def load_run_model(run_id: str, weights: str = "ema", uri: str | None = None,
     cfg = load_run_config(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_weights(run_id, weights, tmp, uri)
-        return RunModel(build_evaluated_model(cfg, path, torch.device(device)), cfg, file_digest(path))
+        return RunModel(build_evaluated_model(cfg, path, torch.device(device)), cfg, file_sha256(path))
 
 
 def load_ids(ids: str) -> list[str]:
@@ -369,7 +370,7 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
             if dist.is_main else None
         run_id = distributed.broadcast_object(run_id)
         writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
-        identity = {"run_id": run_id, "weights": file_digest(path)}
+        identity = {"run_id": run_id, "weights": file_sha256(path)}
         result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
         status = "FINISHED"
         return result
@@ -377,14 +378,6 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         if writer is not None:
             writer.finish(status)
         distributed.close()
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from gnr.analysis.gradients import input_gradients
 from gnr.analysis.runs import AnalysedRun
@@ -45,10 +46,8 @@ def q99(t: torch.Tensor) -> torch.Tensor:
     return torch.quantile(t.abs().flatten().float(), 0.99).clamp_min(1e-12)
 
 
-def folder_images(folder: str | Path, k: int) -> list[tuple[str, "Image.Image"]]:
+def folder_images(folder: str | Path, k: int) -> list[tuple[str, Image.Image]]:
     """The first ``k`` images (sorted by path) anywhere under ``folder``, as RGB."""
-    from PIL import Image
-
     root = Path(folder)
     if not root.is_dir():
         raise GnrError(f"--images: no such folder {root}")
@@ -106,13 +105,19 @@ def _show(ax, image: torch.Tensor, title: str, frame: str | None = None) -> None
             spine.set_linewidth(4)
 
 
-def gradient_figure(runs: list[AnalysedRun], inputs: list[tuple], title: str):
-    """Fig. 1: column 0 the images, then one column of loss-input gradients per run."""
+def _image_grid(runs: list[AnalysedRun], inputs: list[tuple], title: str):
+    """A grid with the input images in column 0 and one empty column per run; returns (fig, axes, rows)."""
     rows = len(inputs[0][2])
     fig, axes = _grid(rows, 1 + len(runs), title)
     x0, _, names = inputs[0]
     for i in range(rows):
         _show(axes[i, 0], x0[i].permute(1, 2, 0), names[i][:24])
+    return fig, axes, rows
+
+
+def gradient_figure(runs: list[AnalysedRun], inputs: list[tuple], title: str):
+    """Fig. 1: column 0 the images, then one column of loss-input gradients per run."""
+    fig, axes, rows = _image_grid(runs, inputs, title)
     for j, (run, (x, y, _)) in enumerate(zip(runs, inputs), start=1):
         grad = input_gradients(run.model, x, y)
         for i in range(rows):
@@ -123,11 +128,7 @@ def gradient_figure(runs: list[AnalysedRun], inputs: list[tuple], title: str):
 
 def perturbation_figure(runs: list[AnalysedRun], inputs: list[tuple], *, eps: float, title: str):
     """Fig. 3: column 0 the images, then one column of PGD-10 perturbations per run (green: resisted)."""
-    rows = len(inputs[0][2])
-    fig, axes = _grid(rows, 1 + len(runs), title)
-    x0, _, names = inputs[0]
-    for i in range(rows):
-        _show(axes[i, 0], x0[i].permute(1, 2, 0), names[i][:24])
+    fig, axes, rows = _image_grid(runs, inputs, title)
     for j, (run, (x, y, _)) in enumerate(zip(runs, inputs), start=1):
         x_adv = pgd(run.model, x, y, eps=eps, step_size=pgd_step(eps), steps=10)
         resisted = predicts(run.model, x_adv, y)

@@ -91,7 +91,7 @@ def _write_shard(path: Path, samples: tuple[Sample, ...], image: str) -> Shard:
         with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tar:
             for key, label, data in samples:
                 tar.write({"__key__": key, image: data, "cls": str(label).encode()})
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     return Shard(name=path.name, count=len(samples), sha256=digest)
 
 
@@ -101,7 +101,7 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[tuple[Sample, ...]
         yield chunk
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
