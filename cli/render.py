@@ -65,7 +65,8 @@ def eval_summary(result):
 def report_table(table) -> Table:
     out = Table(title=table.title, title_justify="left", caption="\n".join(table.notes) or None)
     for col in table.columns:
-        out.add_column(col, justify="left" if col in ("run", "method", "model", "act", "sanity") else "right")
+        text = col in ("run", "method", "model", "act", "sanity")
+        out.add_column(col, justify="left" if text else "right", overflow="fold")
     for row in table.rows:
         out.add_row(*row)
     return out
