@@ -34,7 +34,7 @@ def _root(
 
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
-app.command("report")(report.report)
+app.command("report", context_settings={"allow_extra_args": True})(report.report)
 app.command("submit")(submit.submit)
 app.command("ui")(ui.ui)
 app.add_typer(data.app, name="data")

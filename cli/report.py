@@ -8,6 +8,7 @@ from cli.common import console
 
 
 def report(
+    ctx: typer.Context,
     experiment: Optional[str] = typer.Option(None, "--experiment", help="Every finished run of this experiment."),
     run_id: list[str] = typer.Option([], "--run-id", help="These runs (repeat, or comma-separated)."),
     fmt: str = typer.Option("table", "--format", help="table | markdown | csv"),
@@ -22,7 +23,7 @@ def report(
 
     if fmt not in ("table", "markdown", "csv"):
         raise GnrError(f"--format is table, markdown or csv (got '{fmt}')")
-    table = build(experiment=experiment, run_ids=run_ids_of(run_id), uri=tracking_uri)
+    table = build(experiment=experiment, run_ids=run_ids_of(run_id, ctx.args), uri=tracking_uri)
     if fmt == "table":
         from cli.render import report_table
 

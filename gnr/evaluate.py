@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from gnr import distributed, paths
@@ -166,19 +165,6 @@ def normalise_id(key: str) -> str:
     return stem if dot and ext.lower() in ("jpeg", "jpg", "png", "webp") else key
 
 
-def resolved_data(cfg: RunConfig, data: str | None = None, is_main: bool = True) -> RunConfig:
-    """A copy of ``cfg`` reading ``data`` (default: the run's own source); rank 0 builds it if needed."""
-    from gnr.data.loader import resolve_source
-
-    out = cfg.model_copy(deep=True)
-    source = data or cfg.data.source
-    if is_main:
-        resolve_source(source)
-    distributed.barrier()
-    out.data.source = resolve_source(source)
-    return out
-
-
 def image_batches(cfg: RunConfig, *, split: str | None = None, ids: str | None = None, n: int | None = None,
                   batch_size: int = 100, rank: int = 0, world: int = 1) -> Iterator[Batch]:
     """This rank's share of the evaluated images: ``split`` of ``cfg.data.source``, restricted to ``ids``
@@ -299,13 +285,13 @@ class BatchCache:
 
 
 def cache_dir(identity: dict) -> Path:
-    """``$GNR_HOME/eval/<run id>/<hash of what makes a per-image result valid>``.
+    """``$GNR_EVAL_CACHE/<run id>/<hash of what makes a per-image result valid>``.
 
     Batch size, ``--n`` and ``--ids`` only choose images, so they are not part of the hash: a
     larger evaluation reuses a smaller one's images.
     """
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return paths.home() / "eval" / identity["run_id"] / digest
+    return paths.eval_cache_root() / identity["run_id"] / digest
 
 
 # -- the evaluation -----------------------------------------------------------------------------
@@ -392,8 +378,10 @@ class Shard:
 
 def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: EvalSpec,
          dist: distributed.Dist, uri: str | None, on_batch) -> EvalResult:
+    from gnr.data.loader import with_resolved_source
+
     started = time.perf_counter()
-    cfg = resolved_data(cfg, spec.data, dist.is_main)
+    cfg = with_resolved_source(cfg, spec.data, dist.is_main)
     split = spec.split or cfg.data.val_split
     cache = BatchCache(cache_dir({**identity, "source": cfg.data.source, "split": split, "seed": spec.seed,
                                  "img_size": cfg.data.img_size, "eval_resize": cfg.data.eval_resize}))
@@ -471,12 +459,8 @@ def _attack_batch(model, x, y, keys, measures, seed, aa_log) -> list[dict]:
 
 def _gather(mine: Shard) -> Shard:
     """Every rank's shard combined, on every rank; an image evaluated by two ranks is an error."""
-    parts = [mine]
-    if tdist.is_initialized():
-        parts = [None] * tdist.get_world_size()
-        tdist.all_gather_object(parts, mine)
     out = Shard()
-    for part in parts:
+    for part in distributed.all_gather_object(mine):
         twice = out.rows.keys() & part.rows.keys()
         if twice:
             raise GnrError(f"image {sorted(twice)[0]} was evaluated by two ranks: the loader's sharding is broken")

@@ -24,5 +24,11 @@ def local_artifact_root() -> Path:
     return home() / "artifacts"
 
 
+def eval_cache_root() -> Path:
+    """Per-batch evaluation results, kept so an interrupted evaluation resumes. ``$GNR_EVAL_CACHE``
+    moves them to storage that outlives the process (the chart's eval pods use the checkpoint volume)."""
+    return Path(os.environ.get("GNR_EVAL_CACHE", home() / "eval")).expanduser()
+
+
 def checkpoint_root() -> Path:
     return home() / "checkpoints"

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gnr import checkpoint, distributed, paths
 from gnr.config import RunConfig
-from gnr.data.loader import eval_loader, resolve_source, steps_per_epoch, train_loader
+from gnr.data.loader import eval_loader, steps_per_epoch, train_loader, with_resolved_source
 from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import build_objective
@@ -375,16 +375,6 @@ def _start_run(cfg: RunConfig, dist: distributed.Dist) -> tuple[str, Tracker | N
     return run_id, tracker
 
 
-def _resolve_data(cfg: RunConfig, dist: distributed.Dist) -> RunConfig:
-    """A copy of cfg whose data.source is a concrete location (rank 0 builds the demo shards first)."""
-    if dist.is_main:
-        resolve_source(cfg.data.source)
-    distributed.barrier()
-    out = cfg.model_copy(deep=True)
-    out.data.source = resolve_source(cfg.data.source)
-    return out
-
-
 def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
     cfg = cfg.model_copy(deep=True)
     dist = distributed.init(cfg.runtime.device)
@@ -396,7 +386,7 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         check_reachable(resolve_uri(cfg.tracking.uri))
-        trainer = Trainer(_resolve_data(cfg, dist), dist, on_event)  # bad model / data fail here, before a run exists
+        trainer = Trainer(with_resolved_source(cfg, is_main=dist.is_main), dist, on_event)  # bad model / data fail here, before a run exists
         run_id, tracker = _start_run(cfg, dist)
         trainer.attach(run_id, tracker)
         trainer.resume()

@@ -25,17 +25,9 @@ CURVE_EPS_255 = tuple(range(33))  # accuracy(ε) is reported for ε = 0, 1, ...,
 
 
 def breaks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
-    """Per image: does PGD-``steps`` with budget ``eps[i]`` (step ``eps[i]/4``) make it misclassified?
-
-    ``gnr.attacks.pgd`` takes one budget per call, so images are grouped by budget; during bisection
-    that is one call per distinct budget.
-    """
-    out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for value in eps.unique().tolist():
-        idx = (eps == value).nonzero().squeeze(1)
-        x_adv = pgd(model, x[idx], y[idx], eps=value, step_size=value / 4, steps=steps)
-        out[idx] = ~predicts(model, x_adv, y[idx])
-    return out
+    """Per image: does PGD-``steps`` with budget ``eps[i]`` (step ``eps[i]/4``) make it misclassified?"""
+    x_adv = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=steps)
+    return ~predicts(model, x_adv, y)
 
 
 def minimal_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = STEPS, start: float = START,

@@ -11,7 +11,8 @@ from torch import nn
 
 from gnr import paths
 from gnr.config import RunConfig
-from gnr.evaluate import Batch, image_batches, load_run_model, resolved_data
+from gnr.data.loader import with_resolved_source
+from gnr.evaluate import Batch, image_batches, load_run_model
 
 
 @dataclass
@@ -23,7 +24,7 @@ class AnalysedRun:
 
     def images(self, *, data: str | None = None, n: int | None = None, batch_size: int = 100) -> Iterator[Batch]:
         """The first ``n`` images of the run's validation split (or of ``data``), preprocessed as for evaluation."""
-        cfg = resolved_data(self.cfg, data)
+        cfg = with_resolved_source(self.cfg, data)
         return image_batches(cfg, split=cfg.data.val_split, n=n, batch_size=batch_size)
 
 

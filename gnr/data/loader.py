@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from gnr import distributed
 from gnr.config import RunConfig
 from gnr.data.manifest import Manifest, read_manifest
 from gnr.data.transforms import eval_transform, open_image, seeded, train_transform
@@ -51,6 +52,18 @@ def resolve_source(source: str) -> str:
 
         return str(ensure_demo())
     return os.path.expanduser(source)
+
+
+def with_resolved_source(cfg: RunConfig, source: str | None = None, is_main: bool = True) -> RunConfig:
+    """A copy of ``cfg`` reading ``source`` (default: its own) as a concrete location.
+    Rank 0 builds the demo shards first, so ranks never race to write them."""
+    source = source or cfg.data.source
+    if is_main:
+        resolve_source(source)
+    distributed.barrier()
+    out = cfg.model_copy(deep=True)
+    out.data.source = resolve_source(source)
+    return out
 
 
 def steps_per_epoch(cfg: RunConfig, world: int) -> int:

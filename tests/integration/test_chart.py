@@ -208,6 +208,10 @@ def test_eval_command_parses_with_the_real_gnr_eval(rendered):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     params = parse_cli(command[5:])
     assert params["run_id"] == RUN_ID and params["attacks"] == "clean,pgd10" and not params["submit"]
+    # finished batches go to the checkpoint volume, so a preempted evaluation resumes in a new pod
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert env["GNR_EVAL_CACHE"].startswith("/checkpoints/") and mounts["/checkpoints"] == "checkpoints"
 
 
 def parse_cli(args: list[str]) -> dict:

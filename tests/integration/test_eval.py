@@ -119,6 +119,9 @@ def _first_val_keys(demo_run: dict, tmp_path, n: int) -> list[str]:
 def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run, gnr_home, tmp_path, monkeypatch):
     from gnr.evaluate import EvalSpec, evaluate
 
+    cache = tmp_path / "volume" / "eval-cache"  # where the chart's eval pods keep finished batches
+    monkeypatch.setenv("GNR_EVAL_CACHE", str(cache))
+
     spec = EvalSpec(attacks=("clean", "pgd10"), eps=(4.0,), n=12, batch_size=4)
     done = []
 
@@ -129,16 +132,16 @@ def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run,
 
     with pytest.raises(KeyboardInterrupt):
         evaluate(demo_run["run_id"], spec, uri=demo_run["uri"], on_batch=interrupt_after_two)
-    files = sorted((gnr_home / "eval" / demo_run["run_id"]).rglob("batch-*.json"))
+    files = sorted((cache / demo_run["run_id"]).rglob("batch-*.json"))
     assert len(files) == 2
     stamps = {f: f.stat().st_mtime_ns for f in files}
 
     resumed = evaluate(demo_run["run_id"], spec, uri=demo_run["uri"])
     assert (resumed.resumed_batches, resumed.batches) == (2, 3)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
-    assert len(list((gnr_home / "eval" / demo_run["run_id"]).rglob("batch-*.json"))) == 3
+    assert len(list((cache / demo_run["run_id"]).rglob("batch-*.json"))) == 3
 
-    monkeypatch.setenv("GNR_HOME", str(tmp_path / "fresh"))
+    monkeypatch.setenv("GNR_EVAL_CACHE", str(tmp_path / "fresh"))
     fresh = evaluate(demo_run["run_id"], spec, uri=demo_run["uri"])
     assert fresh.resumed_batches == 0 and fresh.accuracy == resumed.accuracy
 

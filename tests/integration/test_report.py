@@ -40,8 +40,9 @@ def test_report_csv_and_markdown(experiment):
     assert [(r["method"], r["act"]) for r in rows] == [("natural", "gelu"), ("gradnorm", "gelu"), ("adversarial", "gelu")]
     assert [r["AA 4/255"] for r in rows] == ["0.00", "40.00", "50.00"]
     assert [r["× adversarial"] for r in rows] == ["0.250", "0.500", "1.000"]
-    md = run_gnr("report", "--run-id", ",".join(experiment["ids"].values()), "--format", "markdown",
-                 "--tracking-uri", experiment["uri"], check=True).stdout
+    first, *rest = experiment["ids"].values()
+    md = run_gnr("report", "--format", "markdown", "--tracking-uri", experiment["uri"], "--run-id", first, *rest,
+                 check=True).stdout  # `--run-id A B C`, as the analyze commands take it
     assert md.splitlines()[0].startswith("| run | method | model | act |")
     assert len([line for line in md.splitlines() if line.startswith("| ")]) == 5  # header + 4 named runs
 

@@ -67,3 +67,15 @@ def test_pgd_zero_steps_is_the_random_start(model, batch):
 def test_fgsm_stays_in_ball_and_box_and_raises_the_loss(model, batch):
     x, y = batch
     _check(model, x, fgsm(model, x, y, eps=EPS), y)
+
+
+def test_pgd_per_image_budgets_match_one_call_per_image(model, batch):
+    x, y = batch
+    eps = torch.linspace(1, 16, len(x)) / 255
+    x_adv = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=5, random_start=False)
+    assert ((x_adv - x).abs().amax(dim=(1, 2, 3)) <= eps + 1e-6).all()
+    assert (x_adv - x).abs().amax() > 8 / 255  # the large budgets are used
+    for i in (0, 7, 15):  # eval mode and a summed loss: each image's attack is independent of the batch
+        alone = pgd(model, x[i:i + 1], y[i:i + 1], eps=float(eps[i]), step_size=float(eps[i]) / 4, steps=5,
+                    random_start=False)
+        torch.testing.assert_close(x_adv[i:i + 1], alone, rtol=0, atol=1e-6)

@@ -101,6 +101,10 @@ variables that both Kubeflow operators set, and runs the real `gnr` CLI module. 
   value: /home/gnr
 - name: GNR_HOME
   value: /home/gnr/.gnr
+{{- if eq .Values.task "eval" }}
+- name: GNR_EVAL_CACHE
+  value: /checkpoints/eval-cache
+{{- end }}
 {{- with .Values.mlflow.trackingUri }}
 - name: MLFLOW_TRACKING_URI
   value: {{ . | quote }}
