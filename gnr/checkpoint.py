@@ -1,7 +1,7 @@
 """Atomic checkpoints: written to a temp file and renamed, so a crash never leaves a torn one.
 
 A checkpoint is a plain dict of tensors and Python scalars (model, EMA, optimizer, scheduler, scaler,
-RNG states, data position, config), loadable with ``torch.load(weights_only=True)``.
+RNG states of every rank, data position, config), loadable with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

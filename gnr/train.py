@@ -175,18 +175,20 @@ class Trainer:
         self.ckpt_dir = Path(self.cfg.checkpoint.dir or paths.checkpoint_root()) / run_id
 
     # -- state -------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, rng: list[dict]) -> dict:
         return {
             "update": self.update, "best_pgd": self.best_pgd, "config": self.cfg.model_dump(mode="json"),
             "model": self.model.state_dict(), "state_dict_ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+            "scaler": self.scaler.state_dict(), "rng": rng,
         }
 
     def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint; every rank must call this, as each contributes its RNG streams."""
+        rng = distributed.all_gather_object(checkpoint.rng_state())
         if not self.dist.is_main:
             return None
-        return checkpoint.save(self.state(), self.ckpt_dir, self.update, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.state(rng), self.ckpt_dir, self.update, self.cfg.checkpoint.keep_last)
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint (local dir first, then the copy logged to MLflow)."""
@@ -205,8 +207,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.update, self.best_pgd = state["update"], state["best_pgd"]
-        checkpoint.set_rng_state(state["rng"])
-        if self.dist.rank:  # other ranks: distinct but reproducible streams
+        if len(state["rng"]) == self.dist.world:
+            checkpoint.set_rng_state(state["rng"][self.dist.rank])
+        else:  # resumed on another number of ranks: distinct but reproducible streams
             torch.manual_seed(self.cfg.runtime.seed + 1000 * self.dist.rank + self.update)
         return True
 
