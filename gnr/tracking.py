@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -32,6 +33,9 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or paths.local_tracking_uri()
+
+
+CREDENTIALS = re.compile(r"//[^/@\s]+@")  # the user:password@ of a URL
 
 
 def redact(uri: str) -> str:
@@ -61,7 +65,11 @@ def client(uri: str | None = None):
     # mlflow sets its loggers up on import; a new local store logs its migrations at INFO.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    resolved = resolve_uri(uri)
+    try:
+        return MlflowClient(tracking_uri=resolved)  # a SQL store is opened (and migrated) here
+    except Exception as e:
+        raise GnrError(f"cannot open the MLflow store {redact(resolved)}: {_cause(e)}") from None
 
 
 def _experiment_id(mlflow_client, name: str, uri: str) -> str:
@@ -145,7 +153,8 @@ def download(run_id: str, artifact_path: str, dst: str | Path, uri: str | None =
     try:
         return Path(c.download_artifacts(run_id, artifact_path, str(dst)))
     except Exception as e:
-        raise GnrError(f"run {run_id} has no artifact '{artifact_path}' ({type(e).__name__})") from None
+        raise _error(e, f"run {run_id} has no artifact '{artifact_path}'",
+                     f"cannot download '{artifact_path}' of run {run_id}") from None
 
 
 def get_run(run_id: str, uri: str | None = None):
@@ -153,8 +162,23 @@ def get_run(run_id: str, uri: str | None = None):
     check_reachable(resolved)
     try:
         return client(resolved).get_run(run_id)
-    except Exception:
-        raise GnrError(f"no MLflow run '{run_id}' at {redact(resolved)}") from None
+    except Exception as e:
+        raise _error(e, f"no MLflow run '{run_id}' at {redact(resolved)}",
+                     f"cannot read MLflow run '{run_id}' at {redact(resolved)}") from None
+
+
+def _error(e: Exception, missing: str, failed: str) -> GnrError:
+    """``missing`` when MLflow says the thing does not exist; otherwise ``failed`` with the cause
+    (permissions, storage, network), so that no other failure reads as "not found"."""
+    if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+        return GnrError(missing)
+    return GnrError(f"{failed}: {_cause(e)}")
+
+
+def _cause(e: Exception) -> str:
+    """The first line of an error, without any user:password a URL in it may carry."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {CREDENTIALS.sub('//', first)}"
 
 
 class Tracker:

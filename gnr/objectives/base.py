@@ -13,6 +13,7 @@ loss's device (no ``.item()``, so no device sync per step), keyed among ``ce``, 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 
 import torch
@@ -27,7 +28,7 @@ Parts = dict[str, torch.Tensor]
 soft_ce = SoftTargetCrossEntropy()
 
 
-class Objective:
+class Objective(ABC):
     """Base of the objectives; a subclass implements ``__call__``."""
 
     passes: int = 2
@@ -38,9 +39,10 @@ class Objective:
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
 
+    @abstractmethod
     def __call__(self, model: nn.Module, x: torch.Tensor, y_soft: torch.Tensor,
                  progress: float) -> tuple[torch.Tensor, Parts]:
-        raise NotImplementedError
+        """The loss to back-propagate and its detached parts for logging."""
 
 
 def linear_ramp(progress: float, epochs: float) -> float:

@@ -186,6 +186,17 @@ def test_bad_input_is_one_line(demo_run, gnr_home, args, needle):
     assert_one_line_error(run_gnr("eval", *options, "--n", 2, timeout=120), needle)
 
 
+def test_a_broken_store_is_not_reported_as_a_missing_run(gnr_home, tmp_path):
+    """A store that cannot be opened is named as such, by eval and train alike, and left untouched."""
+    store = tmp_path / "mlflow.db"
+    store.write_text("not a database")
+    uri = f"sqlite:///{store}"
+    for args in (["eval", "--run-id", "0123456789abcdef0123456789abcdef"], ["train", "gradnorm", "--max-steps", "1"]):
+        proc = run_gnr(*args, "--tracking-uri", uri, timeout=300)
+        assert_one_line_error(proc, f"cannot open the MLflow store {uri}: DatabaseError")
+    assert store.read_text() == "not a database"
+
+
 def test_submit_dry_run_hands_the_same_evaluation_to_the_pod(helm):  # noqa: F811
     from tests.manifests import objects
 

@@ -161,6 +161,7 @@ def test_torchrun_two_cpu_processes(mlflow_server, gnr_home):
     assert summary["steps"] == 6
     assert run.data.metrics["holdout/clean_acc"] >= 0
     # the checkpoint holds each rank's own RNG streams, so every rank resumes exactly where it was
-    (last,) = sorted((gnr_home / "checkpoints" / summary["run_id"]).glob("step-*.pt"))[-1:]
-    rng = torch.load(last, weights_only=True)["rng"]
+    from gnr.checkpoint import latest, load
+
+    rng = load(latest(gnr_home / "checkpoints" / summary["run_id"]))["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
