@@ -12,7 +12,9 @@ from pathlib import Path
 
 from gnr.errors import GnrError
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "gnr"
+# A wheel ships the chart as package data beside this module; a checkout (editable install) has it at
+# charts/gnr beside `cli/`.
+CHART_CANDIDATES = (Path(__file__).resolve().parent / "chart", Path(__file__).resolve().parents[1] / "charts" / "gnr")
 RELEASE_NAME_MAX = 53  # helm's limit
 
 
@@ -27,11 +29,13 @@ def binary() -> str:
 
 
 def chart() -> Path:
-    """`$GNR_CHART`, else the chart beside this checkout's `cli/`."""
-    path = Path(os.environ.get("GNR_CHART", CHART))
-    if not (path / "Chart.yaml").is_file():
-        raise GnrError(f"no Helm chart at {path}: set GNR_CHART to the charts/gnr directory of a gnr checkout")
-    return path
+    """`$GNR_CHART`, else the chart installed with gnr (a wheel's package data, or a checkout's charts/gnr)."""
+    configured = os.environ.get("GNR_CHART")
+    candidates = [Path(configured)] if configured else CHART_CANDIDATES
+    for path in candidates:
+        if (path / "Chart.yaml").is_file():
+            return path
+    raise GnrError(f"no Helm chart at {candidates[0]}: set GNR_CHART to the charts/gnr directory of a gnr checkout")
 
 
 def release_name(task: str, run_id: str) -> str:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from cli.submit import submit_eval
+from gnr.cli.submit import submit_eval
 from gnr.config import build_config
 from tests.conftest import assert_one_line_error, run_gnr
 from tests.fake_kube import fake_kube, job_object, listing  # noqa: F401  (fixture)
@@ -196,7 +196,7 @@ def test_submit_eval_dry_run_renders_the_eval_job(helm, monkeypatch):  # noqa: F
     assert job["metadata"]["namespace"] == "gnr"
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "gnr:dev"
-    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "cli.app", "eval",
+    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "gnr.cli.app", "eval",
                                     "--run-id", "abc123", "--attacks", "autoattack", "--n", "5000"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
 
