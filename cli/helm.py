@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,13 +20,19 @@ RELEASE_NAME_MAX = 53  # helm's limit
 
 
 def binary() -> str:
-    """`$GNR_HELM`, else `helm` on PATH."""
+    """`$GNR_HELM`, else the helm `make install` puts beside gnr's Python (the venv's bin/), else PATH's."""
     configured = os.environ.get("GNR_HELM")
-    path = configured or shutil.which("helm")
-    if not path or not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        where = f"GNR_HELM={configured} is not an executable" if configured else "helm not found on PATH"
-        raise GnrError(f"{where}: install Helm 3 (https://helm.sh/docs/intro/install/) or set GNR_HELM to its path")
+    beside = Path(sys.executable).parent / "helm"  # not resolved: a venv's python is a symlink
+    path = configured or (str(beside) if _executable(beside) else shutil.which("helm"))
+    if not path or not _executable(path):
+        where = f"GNR_HELM={configured} is not an executable" if configured else "helm not found in the venv or on PATH"
+        raise GnrError(f"{where}: run `make install` (it puts helm into .venv/bin), install Helm 3 "
+                       "(https://helm.sh/docs/intro/install/), or set GNR_HELM to its path")
     return path
+
+
+def _executable(path: str | Path) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def chart() -> Path:

@@ -100,12 +100,6 @@ def test_bad_input_is_a_one_line_error(helm_path_env, args, needle):  # noqa: F8
     assert_one_line_error(run_gnr("submit", *args, env=helm_path_env), needle)
 
 
-def test_no_helm_is_a_one_line_error(monkeypatch, tmp_path):
-    monkeypatch.delenv("GNR_HELM", raising=False)
-    proc = run_gnr("submit", "gradnorm", "--gpus", "8", "--dry-run", env={"PATH": str(tmp_path)})
-    assert_one_line_error(proc, "helm not found on PATH")
-
-
 def test_no_kubeconfig_is_a_one_line_error(monkeypatch, helm_path_env, tmp_path):  # noqa: F811
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     env = {**helm_path_env, "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")}

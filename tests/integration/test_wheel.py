@@ -1,5 +1,6 @@
 """The wheel as a user installs it: `cli/` is `gnr.cli` (no top-level `cli`), the chart ships inside,
-and `gnr submit --dry-run` renders from a fresh venv without a checkout or `GNR_CHART`.
+and `gnr submit --dry-run` renders from a fresh venv without a checkout, `GNR_CHART` or helm on
+PATH: the helm is the one `make install` puts into the venv's bin/.
 
 The fresh venv gets only the gnr wheel; its dependencies (torch, mlflow, ...) come from the project
 venv through a `.pth` line, so nothing is downloaded and nothing is installed twice."""
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.helm import helm, helm_path_env  # noqa: F401  (fixtures)
+from tests.conftest import ROOT, assert_one_line_error
+from tests.helm import helm  # noqa: F401  (fixture)
 from tests.manifests import objects
 
 pytestmark = pytest.mark.integration
@@ -53,27 +54,32 @@ def test_wheel_holds_every_package_and_the_chart_and_no_top_level_cli(wheel):
     assert "gnr/presets/demo.yaml" in names and "gnr/assets/imagenet_class_to_id_map.json" in names
 
 
-def test_wheel_install_renders_the_chart_without_a_checkout(wheel, helm_path_env, tmp_path):  # noqa: F811
+def test_wheel_install_finds_its_chart_and_the_helm_in_its_venv(wheel, helm, tmp_path):  # noqa: F811
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
-    py = env_dir / "bin" / "python"
+    py, gnr = env_dir / "bin" / "python", env_dir / "bin" / "gnr"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet", "--no-deps", str(wheel)],
                    check=True, capture_output=True, timeout=300)
     purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip())
     (purelib / "project-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GNR_CHART", "PYTHONPATH")}
-    env.update(helm_path_env, GNR_HOME=str(tmp_path / "home"))
+    # No helm on PATH and no GNR_CHART / GNR_HELM: only what the install itself provides.
+    env = {k: v for k, v in os.environ.items() if k not in ("GNR_CHART", "GNR_HELM", "PYTHONPATH")}
+    env.update(PATH=str(tmp_path / "empty"), GNR_HOME=str(tmp_path / "home"))
+    submit = [str(gnr), "submit", "gradnorm", "--gpus", "8", "--dry-run"]
 
     where = subprocess.run([str(py), "-c", "import gnr, gnr.cli.helm as h; print(gnr.__file__); print(h.chart())"],
                            cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert all(Path(p).is_relative_to(purelib) for p in where), (where, purelib)
 
-    proc = subprocess.run([str(env_dir / "bin" / "gnr"), "submit", "gradnorm", "--gpus", "8", "--dry-run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300),
+                          "helm not found in the venv or on PATH")
+
+    shutil.copy(helm, env_dir / "bin" / "helm")  # where `make install` puts it
+    proc = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     kinds = {o["kind"]: o for o in objects(proc.stdout)}
-    assert {"ConfigMap", "PyTorchJob"} <= set(kinds) or {"ConfigMap", "TrainJob"} <= set(kinds), set(kinds)
+    assert "ConfigMap" in kinds and kinds.keys() & {"PyTorchJob", "TrainJob"}, set(kinds)
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])
     assert config["objective"]["method"] == "gradnorm"
     assert "gnr.cli.app" in proc.stdout
