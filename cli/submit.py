@@ -146,7 +146,8 @@ def _train_config(method: str, preset: str, overrides: list[str]):
 def _train_values(cfg, run_id: str, sizes: dict, image: str | None) -> dict:
     """Chart values of a training release: the config with its run id, nodes and GPUs per node."""
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
-    return {"task": "train", "runId": run_id, **image_values(image), "train": {**sizes, "config": cfg.to_yaml()}}
+    return {"task": "train", "runId": run_id, **image_values(image),
+            "train": {**sizes, "config": cfg.model_dump(mode="json")}}
 
 
 def _preflight():

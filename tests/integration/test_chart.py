@@ -1,6 +1,7 @@
 """charts/gnr rendered by a real helm 3: lint, schema, every object validated, and the container's
 command parsed by the real `gnr` CLI, so that the chart and the CLI cannot drift apart."""
 
+import copy
 import json
 import subprocess
 
@@ -8,7 +9,8 @@ import pytest
 import typer.main
 import yaml
 
-from gnr.config import build_config
+from gnr.config import RunConfig, build_config
+from gnr.errors import GnrError
 from tests.conftest import run_gnr
 from tests.helm import helm  # noqa: F401  (fixture)
 from tests.manifests import CHART, helm_template, objects, pod_specs, validate, write_values
@@ -32,7 +34,8 @@ CLUSTER = {  # what a real cluster's values file sets: secrets by name only
 def train_values(nodes: int, gpus: int, preset: str = "swin-b", **extra) -> dict:
     cfg = build_config(preset=preset, fields={"objective.method": "gradnorm", "checkpoint.dir": "/checkpoints",
                                               "tracking.run_id": RUN_ID})
-    return {"runId": RUN_ID, "train": {"nodes": nodes, "gpusPerNode": gpus, "config": cfg.to_yaml()}, **extra}
+    return {"runId": RUN_ID, "train": {"nodes": nodes, "gpusPerNode": gpus, "config": cfg.model_dump(mode="json")},
+            **extra}
 
 
 SCENARIOS = {
@@ -73,6 +76,23 @@ def test_helm_lint_is_clean(helm, rendered, scenario):  # noqa: F811
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"optim": {"batch_size": 0}}, "train.config.optim.batch_size"),
+    ({"optimm": {"batch_size": 64}}, "optimm"),
+    ({"objective": {"method": "pgd"}}, "train.config.objective.method"),
+    ({"augment": {"scale": [0.08]}}, "train.config.augment.scale"),
+])
+def test_helm_lint_rejects_a_bad_run_config(helm, rendered, tmp_path, config, message):  # noqa: F811
+    """values.schema.json carries RunConfig's schema (tools/chart_schema.py): what gnr rejects, helm rejects."""
+    bad = write_values(tmp_path / "bad.yaml", {"train": {"config": config}})
+    proc = subprocess.run([str(helm), "lint", "--strict", str(CHART), "--values", str(rendered["1x8"][0]),
+                           "--values", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stdout, proc.stdout + proc.stderr
+    with pytest.raises(GnrError, match="invalid"):
+        build_config(preset="demo", overrides=[f"{k}.{kk}={json.dumps(vv)}" for k, v in config.items()
+                                               for kk, vv in v.items()])
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -154,10 +174,11 @@ def test_cpu_smoke_has_no_gpu_and_scratch_checkpoints(rendered):
 
 
 def test_configmap_holds_the_exact_resolved_config(rendered):
+    """Helm re-serialises the config (keys sorted, 1e-08 for 1e-8); gnr reads back the same RunConfig."""
     for scenario in ("1x8", "cpu-smoke", "trainer-4x8"):
         values = SCENARIOS[scenario]
         config = only(rendered[scenario][1], "ConfigMap")["data"]["config.yaml"]
-        assert config == values["train"]["config"]
+        assert RunConfig.model_validate(yaml.safe_load(config)).model_dump(mode="json") == values["train"]["config"]
         assert yaml.safe_load(config)["tracking"]["run_id"] == RUN_ID
 
 
@@ -195,7 +216,7 @@ def test_train_command_runs_the_real_gnr_train(rendered, scenario, tmp_path):
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     proc = run_gnr(*args, "--dry-run", "--json", env={**env, "HOME": str(tmp_path), "GNR_HOME": str(tmp_path)},
                    timeout=120, check=True)
-    expected = yaml.safe_load(config)
+    expected = copy.deepcopy(SCENARIOS[scenario]["train"]["config"])
     expected["tracking"]["uri"] = env["MLFLOW_TRACKING_URI"]
     assert json.loads(proc.stdout) == expected
     assert env["GNR_RUN_ID"] == RUN_ID
@@ -245,7 +266,7 @@ def test_bad_values_fail_to_render(helm, rendered, tmp_path, override, message):
 
 def test_config_must_use_the_checkpoint_volume(helm, tmp_path):  # noqa: F811
     values = train_values(1, 8)
-    values["train"]["config"] = values["train"]["config"].replace("dir: /checkpoints", "dir: /elsewhere")
+    values["train"]["config"]["checkpoint"]["dir"] = "/elsewhere"
     proc = helm_template(helm, [write_values(tmp_path / "v.yaml", values)], check=False)
     assert proc.returncode != 0 and "checkpoint.dir" in proc.stderr, proc.stderr
 

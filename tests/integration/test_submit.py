@@ -53,7 +53,7 @@ def test_dry_run_prints_exactly_what_helm_renders(helm, helm_path_env, tmp_path)
     proc = run_gnr("submit", "gradnorm", "--gpus", "8", "--dry-run", env=helm_path_env, check=True)
     cfg = build_config(preset="swin-b", fields={"objective.method": "gradnorm", "tracking.run_id": "dry-run"})
     values = write_values(tmp_path / "values.yaml", {
-        "task": "train", "runId": "dry-run", "train": {"nodes": 1, "gpusPerNode": 8, "config": cfg.to_yaml()}})
+        "task": "train", "runId": "dry-run", "train": {"nodes": 1, "gpusPerNode": 8, "config": cfg.model_dump(mode="json")}})
     assert proc.stdout == helm_template(helm, [values], release="gnr-train-dry-run").stdout
 
 
@@ -136,7 +136,7 @@ def test_submit_creates_the_run_then_installs_and_waits(helm, recording_helm, fa
     argv = json.loads((record / "argv.json").read_text())
     assert argv[:6] == ["upgrade", "--install", release, str(CHART), "--namespace", "gnr"]
     assert argv[6] == "--values" and len(argv) == 8
-    config = yaml.safe_load(values["train"]["config"])
+    config = values["train"]["config"]
     assert (values["train"]["nodes"], values["train"]["gpusPerNode"]) == (2, 8)
     assert config["tracking"]["run_id"] == run_id and config["checkpoint"]["dir"] == "/checkpoints"
     for obj in objects(helm_template(helm, [record / "values-0.yaml"], release=release).stdout):
