@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import console, print_json
+from gnr.cli.common import JSON, console, print_json
 
 app = typer.Typer(help="Robust-accuracy curves, input-gradient statistics and figures for trained runs.",
                   no_args_is_help=True)
@@ -14,7 +14,6 @@ WEIGHTS = typer.Option("ema", "--weights", help="ema | raw")
 URI = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI")
 DEVICE = typer.Option("auto", "--device")
 OUT = typer.Option(None, "--out", help="Local output folder. Default: $GNR_HOME/analysis/<kind>/<run ids>.")
-JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
 
 
 def run_ids_of(values: list[str], extra: list[str] = ()) -> list[str]:
@@ -41,13 +40,13 @@ def curve(
                            weights=weights, uri=tracking_uri, device=device, out=out)
     if as_json:
         return print_json(result)
-    from gnr.cli.render import key_values
+    from gnr.cli.render import key_values, percent
 
     for info in result["runs"].values():
         acc = dict(zip(result["eps_255"], info["accuracy"]))
         console.print(key_values(f"{info['label']} ({info['n']} images)", {
             "median minimal ε (/255)": info["median_min_eps_255"],
-            "accuracy % at ε/255": {e: 100 * acc[e] for e in (0, 1, 2, 4, 8, 16, 32)}}))
+            "accuracy at ε/255": {e: percent(acc[e]) for e in (0, 1, 2, 4, 8, 16, 32)}}))
     console.print(f"figure: {result['png']}\ncsv: {result['csv']}")
 
 

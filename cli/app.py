@@ -11,7 +11,7 @@ app = typer.Typer(
     name="gnr",
     help="Train adversarially robust image classifiers with gradient-norm regularisation.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )

@@ -1,8 +1,9 @@
-"""`gnr bench loader|step`: throughput measurements printed as JSON."""
+"""`gnr bench loader|step`: throughput measurements, as a table (or JSON with --json)."""
 
 import typer
 
-from gnr.cli.common import parse_csv, print_json
+from gnr.cli.common import JSON, console, parse_csv, print_json
+from gnr.cli.render import bench_table, loader_table
 
 app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step.", no_args_is_help=True)
 
@@ -14,11 +15,16 @@ def loader(
     workers: int = typer.Option(1, "--workers"),
     img_size: int = typer.Option(224, "--img-size"),
     batches: int = typer.Option(8, "--batches", help="Batches timed per pipeline."),
+    as_json: bool = JSON,
 ) -> None:
     """Images/s of gnr's WebDataset train pipeline beside torchvision ImageFolder, same files and transforms."""
     from gnr.bench.loader import bench_loader
 
-    print_json(bench_loader(data, batch_size=batch_size, workers=workers, img_size=img_size, batches=batches))
+    result = bench_loader(data, batch_size=batch_size, workers=workers, img_size=img_size, batches=batches)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(loader_table(result))
 
 
 @app.command("step")
@@ -32,7 +38,7 @@ def step(
     amp: str = typer.Option("auto", "--amp", help="auto | bf16 | fp16 | none"),
     steps: int = typer.Option(5, "--steps", help="Timed steps per method."),
     warmup: int = typer.Option(2, "--warmup"),
-    as_json: bool = typer.Option(True, "--json/--table"),
+    as_json: bool = JSON,
 ) -> None:
     """Seconds per optimizer step for each method and the ratio to natural, in one process."""
     from gnr.bench.step import bench_step
@@ -42,7 +48,4 @@ def step(
     if as_json:
         print_json(result)
     else:
-        from gnr.cli.render import bench_table
-        from gnr.cli.common import console
-
         console.print(bench_table(result))

@@ -4,12 +4,15 @@ import json
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
 
 SET_HELP = "Override any config field, e.g. --set optim.batch_size=128 (repeatable)."
+# Every command prints a rich table by default; --json opts in to machine-readable output.
+JSON = typer.Option(False, "--json", help="Print JSON on stdout instead of a table.")
 
 
 def print_json(payload: Any) -> None:

@@ -1,12 +1,13 @@
 """`gnr eval`: clean / PGD / AutoAttack accuracy of a run, logged back into the same MLflow run."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from gnr.cli.common import SET_HELP, console, err_console, parse_csv, print_json
+from gnr.cli.common import JSON, SET_HELP, console, err_console, parse_csv, print_json
 
 
 def evaluate(
@@ -20,7 +21,8 @@ def evaluate(
     n: Optional[int] = typer.Option(None, "--n", "--limit", min=1,
                                     help="Evaluate the first N images (spell it --limit under torchrun, which claims --n)."),
     attacks: str = typer.Option("clean,pgd10,autoattack", "--attacks", help="Any of clean, pgd<steps>, autoattack."),
-    eps: str = typer.Option("1,2,4", "--eps", help="L∞ budgets in 1/255."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="L∞ budgets in 1/255, e.g. 1,2,4. Default: the run's "
+                                      "eval.eps (8 for the demo preset, 4 for swin-b)."),
     batch_size: int = typer.Option(100, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
@@ -34,7 +36,7 @@ def evaluate(
     namespace: Optional[str] = typer.Option(None, "--namespace", help="With --submit: Kubernetes namespace."),
     image: Optional[str] = typer.Option(None, "--image", help="With --submit: container image."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --submit: print what would be submitted."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    as_json: bool = JSON,
 ) -> None:
     """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
     from gnr.errors import GnrError
@@ -43,7 +45,8 @@ def evaluate(
     external = weights not in ("ema", "raw")
     if not external and not run_id:
         raise GnrError("name the run to evaluate with --run-id ID (or pass --weights PATH)")
-    spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)),
+    # eps (): the run's own budget, resolved once the run's config is at hand (in the pod for --submit)
+    spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)) if eps is not None else (),
                     weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
                     batch_size=batch_size, device=device, seed=seed)
     if submit:
@@ -57,10 +60,12 @@ def evaluate(
 
             cfg = build_config(preset=preset, overrides=overrides, fields={
                 "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
-            result = evaluate_external(Path(weights), cfg, spec, on_batch=on_batch)
+            result = evaluate_external(Path(weights), cfg, _with_run_eps(spec, lambda: cfg), on_batch=on_batch)
         else:
             from gnr.evaluate import evaluate as run_eval
+            from gnr.tracking import load_run_config
 
+            spec = _with_run_eps(spec, lambda: load_run_config(run_id, tracking_uri))
             result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch)
     if not result.is_main:
         return
@@ -72,24 +77,27 @@ def evaluate(
         console.print(eval_summary(result))
 
 
+def _with_run_eps(spec, run_config):
+    """Without --eps: the budget the run was trained and scored at (its eval.eps), in 1/255."""
+    return spec if spec.eps else replace(spec, eps=(round(run_config().eval.eps * 255, 4),))
+
+
 def _progress_bar(quiet: bool):
-    """A rich progress bar (images/s, running accuracies) on stderr; nothing for --json or torchrun ranks > 0."""
+    """Images done / total, running accuracies, img/s and ETA on stderr (a bar on a terminal, else plain
+    lines at a steady interval); nothing for --json or torchrun ranks > 0."""
     from contextlib import nullcontext
 
     if quiet:
         return None, nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from gnr.cli.render import ProgressReport, percent
 
-    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                        TimeElapsedColumn(), TextColumn("{task.fields[acc]}"), console=err_console, transient=True)
-    task = progress.add_task("eval", total=None, speed="", acc="")
+    report = ProgressReport("eval", err_console, unit="images", transient=True)
 
     def on_batch(p) -> None:
-        acc = "  ".join(f"{k} {100 * v:.1f}%" for k, v in p.accuracy.items())
-        speed = "resumed" if p.resumed else f"{p.images_per_s:.1f} img/s"
-        progress.update(task, completed=p.done, total=p.total, speed=speed, acc=acc)
+        acc = "  ".join(f"{k} {percent(v)}" for k, v in p.accuracy.items())
+        report.update(p.done, p.total, acc, images_per_s=None if p.resumed else p.images_per_s)
 
-    return on_batch, progress
+    return on_batch, report
 
 
 def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str], image: Optional[str],
@@ -106,7 +114,8 @@ def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str],
 
 def pod_args(spec) -> list[str]:
     """`gnr eval` options reproducing ``spec`` in the pod (``--limit``: torchrun claims ``--n``)."""
-    args = ["--weights", spec.weights, "--attacks", ",".join(spec.attacks), "--eps", ",".join(f"{e:g}" for e in spec.eps),
+    args = ["--weights", spec.weights, "--attacks", ",".join(spec.attacks),
+            *(["--eps", ",".join(f"{e:g}" for e in spec.eps)] if spec.eps else []),  # none: the pod takes the run's
             "--batch-size", str(spec.batch_size), "--seed", str(spec.seed)]
     for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n)):
         if value is not None:

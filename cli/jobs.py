@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import console, print_json
+from gnr.cli.common import JSON, console, print_json
 from gnr.cli.kube import DEFAULT_NAMESPACE
 
 app = typer.Typer(no_args_is_help=True, help="Follow and control gnr jobs on Kubernetes, by MLflow run id.")
@@ -13,7 +13,6 @@ app = typer.Typer(no_args_is_help=True, help="Follow and control gnr jobs on Kub
 NAMESPACE = typer.Option(DEFAULT_NAMESPACE, "--namespace", "-n", envvar="GNR_NAMESPACE",
                          help="Kubernetes namespace (default $GNR_NAMESPACE or gnr).")
 TASK = typer.Option(None, "--task", help="train | eval (default: the run's latest job).")
-JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
 
 
 @app.command("list")

@@ -1,7 +1,23 @@
 """Rich renderings of core results (the core returns data; only the CLI draws)."""
 
+import math
+import os
+import time
+
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from gnr.errors import GnrError
+
+
+def percent(accuracy: float) -> str:
+    """Accuracy (a fraction) as gnr shows it everywhere: a percentage with two decimals."""
+    return f"{100 * accuracy:.2f}%"
+
+
+def _g3(value: float) -> str:
+    return f"{value:.3g}"
 
 
 def _fmt(value) -> str:
@@ -23,8 +39,8 @@ def run_summary(result) -> Table:
         ("seconds per step", _fmt(result.sec_per_step)),
         ("wall time", f"{result.elapsed_s:.1f} s"),
     ]
-    rows += [(name.replace("holdout/", "held-out "), _fmt(v)) for name, v in result.metrics.items()
-             if name.startswith("holdout/")]
+    rows += [(name.replace("holdout/", "held-out "), percent(v) if name.endswith("_acc") else _fmt(v))
+             for name, v in result.metrics.items() if name.startswith("holdout/")]
     rows += [("tracking", result.tracking_uri), ("open the UI", f"[cyan]{result.ui_command}[/]")]
     for name, value in rows:
         table.add_row(name, str(value))
@@ -41,6 +57,20 @@ def bench_table(result: dict) -> Table:
     return table
 
 
+def loader_table(result: dict) -> Table:
+    table = Table(title=f"gnr bench loader: {result['images']} images of {result['data']}, "
+                        f"batch {result['batch_size']}, {result['workers']} worker(s), {result['img_size']} px",
+                  title_justify="left")
+    for col in ("pipeline", "img/s", "img/s per worker", "img per CPU-s"):
+        table.add_column(col, justify="left" if col == "pipeline" else "right")
+    for name in ("gnr_webdataset", "torchvision_imagefolder"):
+        row = result[name]
+        table.add_row(name, *(_fmt(row[k]) for k in ("images_per_s", "images_per_s_per_worker", "images_per_cpu_s")))
+    ratio = result["ratio_gnr_to_imagefolder"]
+    table.add_row("gnr / imagefolder", f"{ratio['images_per_s']:.2f}x", "", f"{ratio['images_per_cpu_s']:.2f}x")
+    return table
+
+
 def eval_summary(result):
     """Accuracy per measure, then the sanity verdict: failed checks are shown in red, one per line."""
     from rich.console import Group
@@ -48,9 +78,9 @@ def eval_summary(result):
 
     table = Table()
     table.add_column("measure")
-    table.add_column("accuracy %", justify="right")
+    table.add_column("accuracy", justify="right")
     for name, acc in result.accuracy.items():
-        table.add_row(name, f"{100 * acc:.2f}")
+        table.add_row(name, percent(acc))
     head = Text(f"gnr eval of run {result.run_id}: {result.n} images, {result.weights} weights", style="bold")
     lines = [head, table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
                          f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with {result.metric_prefix}/per_image.csv")]
@@ -89,42 +119,139 @@ def key_values(title: str, values: dict) -> Table:
 def gradient_table(results: dict) -> Table:
     """The paper's Table 1 columns per run, plus the R/G/B shares of the L1 norm and edge alignment."""
     table = Table(title="Input-gradient statistics (Table 1)", title_justify="left")
-    columns = [("clean%", "clean_acc", 100), ("PGD10%", "pgd10_acc", 100), ("E[L1]", "l1_mean", 1),
-               ("E[L1|✓]", "l1_mean_robust", 1), ("E[L1|✗]", "l1_mean_broken", 1), ("edge r", "edge_corr_mean", 1)]
+    columns = [("clean", "clean_acc", percent), ("PGD10", "pgd10_acc", percent), ("E[L1]", "l1_mean", _g3),
+               ("E[L1|✓]", "l1_mean_robust", _g3), ("E[L1|✗]", "l1_mean_broken", _g3),
+               ("edge r", "edge_corr_mean", _g3)]
     table.add_column("run", no_wrap=True)
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("RGB %", justify="right")
     for s in results.values():
         shares = "/".join(f"{100 * s[f'l1_share_{c}']:.0f}" for c in "RGB")
-        table.add_row(s["label"], *(f"{scale * s[key]:.3g}" for _, key, scale in columns), shares)
+        table.add_row(s["label"], *(show(s[key]) for _, key, show in columns), shares)
     return table
 
 
-class TrainProgress:
-    """A rich progress bar fed by the trainer's events (step losses, held-out accuracy)."""
+PROGRESS_INTERVAL_ENV = "GNR_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL_S = 15.0
 
-    def __init__(self, console):
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+def plain_output(console: Console) -> bool:
+    """Plain lines instead of live bars: not a terminal (a log file, a pod, CI), TERM=dumb, or NO_COLOR."""
+    return not console.is_terminal or console.is_dumb_terminal or bool(os.environ.get("NO_COLOR"))
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines: ``$GNR_PROGRESS_INTERVAL``, default 15."""
+    raw = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else DEFAULT_PROGRESS_INTERVAL_S
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise GnrError(f"{PROGRESS_INTERVAL_ENV} must be a number of seconds, e.g. 15 (got '{raw}')")
+    return seconds
+
+
+def duration(seconds: float | None) -> str:
+    """h:mm:ss (or ? when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ProgressReport:
+    """The one progress display of `gnr train` and `gnr eval`, on the console it is given (stderr).
+
+    On a terminal: a live rich bar. Elsewhere, or with NO_COLOR / TERM=dumb: a plain line at a steady
+    interval (``$GNR_PROGRESS_INTERVAL`` seconds, default 15) with done/total, the caller's info,
+    img/s and ETA, so that `gnr train > log 2>&1` is never silent. ``images_per_unit`` turns units
+    of progress (optimizer steps) into images; rate and ETA restart when ``phase`` changes.
+    """
+
+    def __init__(self, name: str, console: Console, *, unit: str = "", images_per_unit: float = 1.0,
+                 interval: float | None = None, transient: bool = False):
+        self.name, self.unit, self.console, self.images_per_unit = name, unit, console, images_per_unit
+        self.interval = progress_interval() if interval is None else interval
+        self.plain = plain_output(console)
+        self.bar = None if self.plain else Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=console, transient=transient)
         self.task = None
-        self.holdout = ""
+        self.phase: str | None = None
+        self.started = self.last_line = time.monotonic()
+        self.baseline: tuple[float, int] | None = None  # (time, done) of the first update of this phase
+        self.pending: str | None = None  # the latest plain line not printed yet
 
-    def __enter__(self):
-        self.progress.start()
+    def __enter__(self) -> "ProgressReport":
+        if self.bar is not None:
+            self.bar.start()
         return self
 
-    def __exit__(self, *exc):
-        self.progress.stop()
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.pending:
+            self._print(self.pending)
+            self.pending = None
+
+    def update(self, done: int, total: int | None, info: str = "", *, phase: str | None = None,
+               images_per_s: float | None = None) -> None:
+        """``done`` of ``total`` units; ``images_per_s`` when the caller measures it better (e.g. resumed batches)."""
+        now = time.monotonic()
+        if self.baseline is None or phase != self.phase:
+            self.phase, self.baseline = phase, (now, done)
+        t0, done0 = self.baseline
+        units_per_s = (done - done0) / (now - t0) if now > t0 and done > done0 else None
+        if images_per_s and self.images_per_unit:
+            units_per_s = images_per_s / self.images_per_unit
+        elif units_per_s:
+            images_per_s = units_per_s * self.images_per_unit
+        eta = (total - done) / units_per_s if total and units_per_s else None
+        speed = f"{images_per_s:.1f} img/s" if images_per_s else ""
+        label = f"{self.name} {phase}" if phase else self.name
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(label, total=total, completed=done, info=info, speed=speed)
+            self.bar.update(self.task, description=label, completed=done, total=total, info=info, speed=speed)
+            return
+        pct = f" ({100 * done / total:.1f}%)" if total else ""
+        parts = [f"{label} {self.unit} {done}/{total if total else '?'}{pct}".replace("  ", " "), info, speed,
+                 f"ETA {duration(eta)}", f"elapsed {duration(now - self.started)}"]
+        self.pending = " | ".join(p for p in parts if p)
+        if now - self.last_line >= self.interval:
+            self._print(self.pending)
+            self.pending = None
+
+    def note(self, text: str) -> None:
+        """A line that is printed at once (e.g. a held-out result), above the bar on a terminal."""
+        self._print(f"{self.name}: {text}")
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.last_line = time.monotonic()
+
+
+class TrainProgress:
+    """The trainer's events (step losses, held-out accuracy) on a :class:`ProgressReport`."""
+
+    def __init__(self, console: Console):
+        self.report = ProgressReport("train", console, unit="step")
+
+    def __enter__(self) -> "TrainProgress":
+        self.report.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.report.__exit__(*exc)
 
     def update(self, event: dict) -> None:
         if "holdout" in event:
             h = event["holdout"]
-            self.holdout = f"held-out clean {h['clean_acc']:.3f} pgd {h['pgd_acc']:.3f}"
-            if self.task is not None:
-                self.progress.update(self.task, info=self.holdout)
+            self.report.note(f"epoch {event['epoch']:.2f} held-out clean {percent(h['clean_acc'])} "
+                             f"pgd {percent(h['pgd_acc'])}")
             return
-        if self.task is None:
-            self.task = self.progress.add_task("train", total=event["total"], completed=event["update"] - 1, info="")
-        info = f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} " + self.holdout
-        self.progress.update(self.task, completed=event["update"], info=info)
+        self.report.images_per_unit = event.get("images", 0)
+        self.report.update(event["update"], event["total"], f"epoch {event['epoch']:.2f} loss {event['loss']:.4f}")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import SET_HELP, console, print_json
+from gnr.cli.common import JSON, SET_HELP, console, err_console, print_json
 
 
 def train(
@@ -24,7 +24,7 @@ def train(
     experiment: Optional[str] = typer.Option(None, "--experiment"),
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id to continue.", envvar="GNR_RUN_ID"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    as_json: bool = JSON,
 ) -> None:
     """Train a classifier. [bold]gnr train gradnorm[/] alone runs the whole demo job on this machine."""
     from gnr.config import METHODS, build_config
@@ -62,7 +62,7 @@ def train(
     else:
         from gnr.cli.render import TrainProgress
 
-        with TrainProgress(console) as progress:
+        with TrainProgress(err_console) as progress:
             result = run_training(cfg, on_event=progress.update)
     if not result.is_main:
         return

@@ -240,7 +240,7 @@ class Trainer:
                 window.add(parts, self.global_batch)
                 if self.on_event:
                     self.on_event({"update": self.update, "total": self.total_updates, **parts,
-                                   "epoch": self.update / self.updates_per_epoch})
+                                   "epoch": self.update / self.updates_per_epoch, "images": self.global_batch})
                 # An epoch's last step is saved by end_epoch, after the held-out check.
                 due = (time.monotonic() - last_save > cfg.checkpoint.every_minutes * 60
                        and self.update % self.updates_per_epoch != 0)

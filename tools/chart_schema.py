@@ -43,7 +43,7 @@ def updated(values_schema: dict[str, Any]) -> dict[str, Any]:
     out["definitions"][KEY] = run_config_schema()
     config = out["properties"]["train"]["properties"]["config"]
     config.clear()
-    config.update({"description": "The run's resolved RunConfig (generated from gnr/config.py by tools/chart_schema.py).",
+    config.update({"description": "The run's resolved RunConfig (from gnr/config.py, by tools/chart_schema.py).",
                    "$ref": f"#/definitions/{KEY}"})
     return out
 

@@ -87,7 +87,7 @@ def test_bench_loader_reports_both_pipelines_on_a_flat_folder(imagenet_sample, t
     for path in sorted(imagenet_sample.iterdir())[:12]:
         (flat / path.name).symlink_to(path)
     proc = run_gnr("bench", "loader", "--data", flat, "--batch-size", "4", "--batches", "1", "--img-size", "32",
-                   "--workers", "1", check=True)
+                   "--workers", "1", "--json", check=True)
     result = json.loads(proc.stdout)
     assert result["images"] == 12
     for pipeline in ("gnr_webdataset", "torchvision_imagefolder"):

@@ -5,7 +5,7 @@ from tests.conftest import assert_one_line_error, run_gnr
 
 def test_bench_step_reports_every_method_on_a_tiny_model():
     proc = run_gnr("bench", "step", "--model", "test_resnet", "--img-size", "32", "--batch-size", "8",
-                   "--steps", "1", "--warmup", "1", "--device", "cpu", check=True)
+                   "--steps", "1", "--warmup", "1", "--device", "cpu", "--json", check=True)
     result = json.loads(proc.stdout)
     methods = result["methods"]
     assert list(methods) == ["natural", "gradnorm", "gradnorm-fd", "adversarial"]
