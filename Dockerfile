@@ -25,9 +25,13 @@ FROM ${BASE_IMAGE} AS gnr
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # Dependencies first (a layer that survives code changes), then gnr itself without them.
+# GNR_EXTRAS (e.g. gcs,azure) adds the optional object-store clients for gs:// and az:// data.
 WORKDIR /opt/gnr
 COPY pyproject.toml README.md ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+ARG GNR_EXTRAS=""
+RUN GNR_EXTRAS="${GNR_EXTRAS}" python -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+extras = [e for e in os.environ["GNR_EXTRAS"].split(",") if e]; \
+print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt

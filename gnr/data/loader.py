@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from gnr import distributed
 from gnr.config import RunConfig
-from gnr.data.manifest import Manifest, read_manifest
+from gnr.data.manifest import Manifest, read_manifest, register_object_stores
 from gnr.data.transforms import eval_transform, open_image, seeded, train_transform
 from gnr.errors import GnrError
 
@@ -159,6 +159,7 @@ def read_shard(url: str, expected: int, image: str) -> Iterator[dict[str, Any]]:
     """The samples of one shard, in order; raises `Unreadable` when the tar is damaged, a sample lacks
     its image or class, or the shard ends before the `expected` count of its manifest entry."""
     read = 0
+    register_object_stores()  # this may be a fresh worker process
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
             if image not in sample or "cls" not in sample:

@@ -1,15 +1,16 @@
 """A split's manifest (``<split>.json`` beside its shards) and where the files of a source live.
 
-A source is a shard directory or URL prefix: a local path, ``http(s)://``, ``s3://`` or a ``pipe:``
-command prefix. Readers take the shard list and the per-shard sample counts from the manifest
+A source is a shard directory or URL prefix: a local path, ``http(s)://``, an object store
+(``s3://``, ``gs://``, ``az://`` / ``abfs://``) or a ``pipe:`` command prefix. Readers take the shard list and the per-shard sample counts from the manifest
 instead of listing a bucket, so an epoch has the same length on every rank and a shard that comes up
 short is noticed. A source may also be a brace pattern (``/data/in1k/train-{000000..000009}.tar``):
 the manifest is read from its directory and only the shards the pattern names are used.
 
-Remote files are opened with webdataset's ``gopen`` (``http(s)://`` through curl). ``s3://`` goes
-through the AWS CLI (``pipe:aws s3 cp URL -``) with the usual AWS credentials from the environment;
-set ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``) to read from MinIO or another S3-compatible
-server. A ``pipe:`` prefix gets the file name appended, so the location must end the command
+Remote files are opened with webdataset's ``gopen`` (``http(s)://`` through curl). Object stores
+are streamed by fsspec inside that pipeline (:func:`open_object`, registered as gopen's handler):
+s3fs for ``s3://`` with boto's credential chain (environment, profile, IRSA, instance role) and
+``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``) for MinIO or another S3-compatible server; gcsfs
+(``pip install 'gnr[gcs]'``) and adlfs (``'gnr[azure]'``) with their own SDKs' defaults. A ``pipe:`` prefix gets the file name appended, so the location must end the command
 (``pipe:curl -s -L https://host/shards/``).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -79,14 +79,35 @@ class Manifest:
 
 def file_url(location: str, name: str) -> str:
     """The URL of file `name` under `location`, as webdataset's gopen opens it."""
-    joined = f"{location.rstrip('/')}/{name}"
-    return _aws_pipe(joined) if joined.startswith("s3://") else joined
+    return f"{location.rstrip('/')}/{name}"
 
 
-def _aws_pipe(s3_url: str) -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    option = f"--endpoint-url {shlex.quote(endpoint)} " if endpoint else ""
-    return f"pipe:aws s3 cp --only-show-errors {option}{shlex.quote(s3_url)} -"
+# URL scheme -> the fsspec implementation that reads it, and the gnr extra that installs it.
+OBJECT_STORES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+EXTRAS = {"gcsfs": "gcs", "adlfs": "azure"}
+
+
+def open_object(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> Any:
+    """webdataset's gopen handler for object stores: a streaming file object from fsspec."""
+    import fsspec
+
+    protocol = url.partition("://")[0].lower()
+    options = {}
+    if protocol == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except ImportError:
+        package = OBJECT_STORES[protocol]
+        raise GnrError(f"reading {protocol}:// needs {package}: pip install 'gnr[{EXTRAS[package]}]'") from None
+    return fs.open(url, mode)
+
+
+def register_object_stores() -> None:
+    """Let webdataset's gopen (manifests and shards alike) open object-store URLs with fsspec."""
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes.update(dict.fromkeys(OBJECT_STORES, open_object))
 
 
 def read_manifest(source: str, split: str) -> Manifest:
@@ -95,6 +116,7 @@ def read_manifest(source: str, split: str) -> Manifest:
 
     location, selected = _split_pattern(source)
     url = file_url(location, manifest_name(split))
+    register_object_stores()
     try:
         with wds.gopen(url) as stream:
             data = json.load(stream)
