@@ -83,7 +83,9 @@ def test_logs_read_the_master_pod(cluster):
     proc = run_gnr("jobs", "logs", RUN, "--task", "train", "--follow", "--tail", "100", env=env, check=True)
     assert proc.stdout == "step 20 loss 2.31\nstep 40 loss 2.05\n"
     (req,) = [r for r in server.calls("GET") if r.path == log]
-    assert req.query == {"container": "pytorch", "follow": "true", "tailLines": "100"}
+    # the API server parses booleans with Go's strconv.ParseBool: "true" and "True" alike
+    assert {**req.query, "follow": req.query["follow"].lower()} == {"container": "pytorch", "follow": "true",
+                                                                     "tailLines": "100"}
 
 
 def test_logs_default_to_the_latest_job(cluster):
