@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import console
+from gnr.cli.common import JSON, console, print_json
 
 
 def report(
@@ -13,6 +13,7 @@ def report(
     run_id: list[str] = typer.Option([], "--run-id", help="These runs (repeat, or comma-separated)."),
     fmt: str = typer.Option("table", "--format", help="table | markdown | csv"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    as_json: bool = JSON,
 ) -> None:
     """Clean, AutoAttack per ε and PGD accuracy, seconds per step and cost relative to the adversarial run."""
     import sys
@@ -24,7 +25,9 @@ def report(
     if fmt not in ("table", "markdown", "csv"):
         raise GnrError(f"--format is table, markdown or csv (got '{fmt}')")
     table = build(experiment=experiment, run_ids=run_ids_of(run_id, ctx.args), uri=tracking_uri)
-    if fmt == "table":
+    if as_json:
+        print_json({"title": table.title, "rows": table.records(), "notes": table.notes})
+    elif fmt == "table":
         from gnr.cli.render import report_table
 
         console.print(report_table(table))

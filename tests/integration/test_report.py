@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 
 import pytest
 
@@ -40,6 +41,8 @@ def test_report_csv_and_markdown(experiment):
     assert [(r["method"], r["act"]) for r in rows] == [("natural", "gelu"), ("gradnorm", "gelu"), ("adversarial", "gelu")]
     assert [r["AA 4/255"] for r in rows] == ["0.00", "40.00", "50.00"]
     assert [r["× adversarial"] for r in rows] == ["0.250", "0.500", "1.000"]
+    as_json = run_gnr("report", "--experiment", "report-test", "--json", "--tracking-uri", experiment["uri"], check=True)
+    assert json.loads(as_json.stdout)["rows"] == rows
     first, *rest = experiment["ids"].values()
     md = run_gnr("report", "--format", "markdown", "--tracking-uri", experiment["uri"], "--run-id", first, *rest,
                  check=True).stdout  # `--run-id A B C`, as the analyze commands take it

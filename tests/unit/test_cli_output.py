@@ -26,8 +26,16 @@ def terminal(monkeypatch, **env) -> tuple[Console, io.StringIO]:
 
 
 def test_a_terminal_gets_a_live_bar(monkeypatch):
-    console, _ = terminal(monkeypatch, TERM="xterm-256color")
-    assert ProgressReport("train", console).bar is not None
+    console, out = terminal(monkeypatch, TERM="xterm-256color")
+    with ProgressReport("train", console, unit="step", interval=0) as report:
+        assert report.bar is not None
+        report.update(1, 10, "loss 2.0")
+        report.note("epoch 1.00 held-out clean 50.00%")
+        report.update(10, 10, "loss 1.0")
+    text = out.getvalue()
+    assert "\x1b[" in text and "10/10" in text and "loss 1.0" in text
+    assert "train: epoch 1.00 held-out clean 50.00%" in text
+    assert "train step 10/10 |" not in text  # no plain lines on a terminal
 
 
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
@@ -72,7 +80,7 @@ def _commands(group, prefix: str = ""):
 def test_every_command_prints_a_table_unless_asked_for_json():
     commands = dict(_commands(typer.main.get_command(app)))
     with_json = {name for name, cmd in commands.items() for p in cmd.params if p.name == "as_json"}
-    assert {"train", "eval", "bench loader", "bench step", "jobs list", "analyze curve"} <= with_json
+    assert {"train", "eval", "report", "bench loader", "bench step", "jobs list", "analyze curve"} <= with_json
     for name in with_json:
         (param,) = [p for p in commands[name].params if p.name == "as_json"]
         assert param.opts == ["--json"] and not param.secondary_opts and param.default is False, name
