@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gnr.cli import helm as gnr_helm
 from tests.conftest import ROOT, assert_one_line_error
 from tests.helm import helm  # noqa: F401  (fixture)
 from tests.manifests import objects
@@ -85,3 +86,10 @@ def test_wheel_install_finds_its_chart_and_the_helm_in_its_venv(wheel, helm, tmp
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])
     assert config["objective"]["method"] == "gradnorm"
     assert "gnr.cli.app" in proc.stdout
+
+
+def test_editable_install_maps_gnr_cli_and_its_chart_to_the_checkout(monkeypatch):
+    """`make install` (pip install -e): `gnr.cli` is this checkout's cli/, and the chart its charts/gnr."""
+    monkeypatch.delenv("GNR_CHART", raising=False)
+    assert Path(gnr_helm.__file__).resolve() == ROOT / "cli" / "helm.py"
+    assert gnr_helm.chart() == ROOT / "charts" / "gnr"
