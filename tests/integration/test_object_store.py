@@ -67,9 +67,9 @@ def test_missing_s3_data_is_a_clear_error(s3_env):
         read_manifest(f"s3://{BUCKET}/nowhere", "train")
 
 
-def test_train_and_eval_read_s3_shards(s3, tmp_path):
-    """`gnr train --data s3://...`: training batches (in a loader worker) and the held-out check read
-    the bucket, then `gnr eval` reads it again for the run."""
+def test_train_reads_s3_shards(s3, tmp_path):
+    """`gnr train --data s3://...`: training batches (in a loader worker process) and the held-out
+    evaluation read the bucket."""
     env, location = s3
     env = {**os.environ, **env, "GNR_HOME": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -79,7 +79,3 @@ def test_train_and_eval_read_s3_shards(s3, tmp_path):
     assert train.returncode == 0, train.stderr
     summary = json.loads(train.stdout)
     assert summary["status"] == "FINISHED" and summary["metrics"]["holdout/n"] == 40, summary
-    evaluated = subprocess.run([str(BIN / "gnr"), "eval", "--run-id", summary["run_id"], "--attacks", "clean",
-                                "--n", "16", "--json"], capture_output=True, text=True, env=env, timeout=600)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["n"] == 16
