@@ -11,8 +11,10 @@ import typer.main
 from rich.console import Console
 
 from gnr.cli.app import app
+from gnr.cli.evaluate import pod_args
 from gnr.cli.render import ProgressReport, percent
 from gnr.errors import GnrError
+from gnr.evaluate import EvalSpec
 from tests.conftest import BIN
 
 
@@ -90,3 +92,10 @@ def test_shell_completion_is_on():
     env = {**os.environ, "_GNR_COMPLETE": "complete_bash", "COMP_WORDS": "gnr be", "COMP_CWORD": "1"}
     proc = subprocess.run([str(BIN / "gnr")], capture_output=True, text=True, env=env, timeout=60)
     assert proc.stdout.split() == ["bench"], proc.stdout + proc.stderr
+
+
+def test_eval_without_eps_leaves_the_budget_to_the_runs_config():
+    """`gnr eval --submit` without --eps: the pod resolves the run's eval.eps itself."""
+    assert "--eps" not in pod_args(EvalSpec(eps=()))
+    args = pod_args(EvalSpec(eps=(1.0, 4.0)))
+    assert args[args.index("--eps") + 1] == "1,4"
