@@ -4,8 +4,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import console, err_console
-from gnr.cli.render import ProgressReport
+from gnr.cli.common import console
 
 app = typer.Typer(help="Write WebDataset shards: an ImageNet folder tree, or the bundled digits demo.",
                   no_args_is_help=True)
@@ -27,9 +26,8 @@ def imagefolder(
     """Shard an ImageNet folder tree, keeping the original JPEG bytes (no re-encoding)."""
     from gnr.data.shards import write_imagefolder
 
-    with ProgressReport("writing", err_console, unit="images", transient=True) as progress:
-        manifest = write_imagefolder(root, out, split, ids=ids, class_map=class_map, shard_size=shard_size, seed=seed,
-                                     overwrite=overwrite, on_progress=_shown(progress))
+    manifest = write_imagefolder(root, out, split, ids=ids, class_map=class_map, shard_size=shard_size, seed=seed,
+                                 overwrite=overwrite, progress=True)
     _report(manifest, out)
 
 
@@ -42,15 +40,8 @@ def demo(
     """Shard scikit-learn's bundled handwritten digits (32x32 PNG, 10 classes): real data, no download."""
     from gnr.data.shards import write_demo
 
-    with ProgressReport("writing", err_console, unit="images", transient=True) as progress:
-        manifests = write_demo(out, seed=seed, overwrite=overwrite, on_progress=_shown(progress))
-    for manifest in manifests.values():
+    for manifest in write_demo(out, seed=seed, overwrite=overwrite, progress=True).values():
         _report(manifest, out)
-
-
-def _shown(progress: ProgressReport):
-    """The core's (split, written, total) callback on the CLI's progress display."""
-    return lambda split, written, total: progress.update(written, total, phase=split)
 
 
 def _report(manifest, out: str) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,7 +35,6 @@ DEMO_SHARD_SIZE = 256
 ROBUSTBENCH_IDS = "robustbench"
 
 Sample = tuple[str, int, bytes]  # key, class index, encoded image
-Progress = Callable[[str, int, int], None]  # (split, samples written, total), after each shard
 
 
 def _asset(name: str) -> Path:
@@ -45,19 +44,18 @@ def _asset(name: str) -> Path:
 # -- writing a split ---------------------------------------------------------------------------
 
 def write_split(samples: Iterable[Sample], out: str | Path, split: str, *, total: int, classes: list[str],
-                image: str, shard_size: int = 1000, overwrite: bool = False, on_progress: Progress | None = None,
+                image: str, shard_size: int = 1000, overwrite: bool = False, progress: bool = False,
                 ids: dict | None = None) -> Manifest:
-    """Write `samples` (in the given order) as shards of `shard_size` plus the manifest; after each
-    shard, `on_progress(split, samples written, total)`."""
+    """Write `samples` (in the given order) as shards of `shard_size` plus the manifest."""
     out = Path(out)
     if shard_size < 1:
         raise GnrError(f"--shard-size must be at least 1, got {shard_size}")
     _claim(out, split, overwrite)
     shards = []
-    for index, chunk in enumerate(_chunks(samples, shard_size)):
-        shards.append(_write_shard(out / shard_name(split, index), chunk, image))
-        if on_progress:
-            on_progress(split, sum(s.count for s in shards), total)
+    with _progress_bar(f"writing {split} shards", total, enabled=progress) as advance:
+        for index, chunk in enumerate(_chunks(samples, shard_size)):
+            shards.append(_write_shard(out / shard_name(split, index), chunk, image))
+            advance(len(chunk))
     manifest = Manifest(split=split, image=image, classes=tuple(classes), shards=tuple(shards), ids=ids)
     with _replacing(out / manifest_name(split)) as tmp:
         tmp.write_text(manifest.to_json())
@@ -122,11 +120,22 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def _progress_bar(description: str, total: int, *, enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 # -- ImageNet folder tree ----------------------------------------------------------------------
 
 def write_imagefolder(root: str | Path, out: str | Path, split: str, *, ids: str | None = None,
                       class_map: str | Path | None = None, shard_size: int = 1000, seed: int = 0,
-                      overwrite: bool = False, on_progress: Progress | None = None) -> Manifest:
+                      overwrite: bool = False, progress: bool = False) -> Manifest:
     """Shard ``root/<wnid>/*.JPEG`` with the original bytes, keyed ``<wnid>/<file stem>``.
 
     Class indices come from `class_map` (JSON wnid -> index; default: the standard ImageNet-1k order).
@@ -146,7 +155,7 @@ def write_imagefolder(root: str | Path, out: str | Path, split: str, *, ids: str
     labels = [_class_index(index, path.parent.name, class_map) for path in files]
     samples = ((_sample_key(path), label, path.read_bytes()) for path, label in zip(files, labels))
     return write_split(samples, out, split, total=len(files), classes=sorted(index, key=index.get), image="jpg",
-                       shard_size=shard_size, overwrite=overwrite, on_progress=on_progress, ids=provenance)
+                       shard_size=shard_size, overwrite=overwrite, progress=progress, ids=provenance)
 
 
 def _find_jpegs(root: Path) -> list[Path]:
@@ -195,7 +204,7 @@ def _sample_key(path: Path) -> str:
 # -- bundled demo: scikit-learn's handwritten digits -----------------------------------------------
 
 def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False,
-               on_progress: Progress | None = None) -> dict[str, Manifest]:
+               progress: bool = False) -> dict[str, Manifest]:
     """Train/val shards of the 1797 8x8 digits, upscaled to 32x32 RGB PNGs, split 80/20 stratified."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -208,7 +217,7 @@ def write_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False,
     for split, chosen in (("train", train), ("val", sorted(val))):
         samples = ((f"digit-{i:04d}", int(digits.target[i]), _digit_png(digits.images[i])) for i in chosen)
         manifests[split] = write_split(samples, out, split, total=len(chosen), classes=classes, image="png",
-                                       shard_size=DEMO_SHARD_SIZE, overwrite=overwrite, on_progress=on_progress)
+                                       shard_size=DEMO_SHARD_SIZE, overwrite=overwrite, progress=progress)
     return manifests
 
 
