@@ -388,6 +388,9 @@ class SystemMetrics:
         self._failed = False
 
     def __enter__(self) -> "SystemMetrics":
+        import psutil
+
+        psutil.cpu_percent()  # starts the CPU-time window, else the first sample reads 0%
         self._thread.start()
         return self
 
