@@ -28,10 +28,13 @@ from gnr.errors import GnrError
 CONFIG_ARTIFACT = "config.yaml"
 WEIGHTS_DIR = "weights"
 MODEL_NAME = "model"  # the run's MLflow Model: runs:/<run id>/model, listed under "Logged models"
-# MLflow 3's UI reads this experiment tag to choose between its GenAI views (traces, evaluations) and
-# its model-training views (runs, metrics, models); untagged experiments open on GenAI.
+# The MLflow 3 UI has GenAI views (traces, evaluations) and model-training views (runs, metrics,
+# models). Experiments that gnr creates are tagged as model training, the experiment kind MLflow's
+# API and earlier 3.x UIs read. The 3.17 UI picks the views per browser instead (a GenAI / Model
+# training switch, GenAI by default) unless the link says which: gnr's links carry UI_VIEW.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+UI_VIEW = "?workflowType=machine_learning"
 NOTE_TAG = "mlflow.note.content"  # the run page's "Description"
 SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 # Download bars from MLflow would interleave with gnr's own rich output.
@@ -314,7 +317,7 @@ class Tracker:
     def ui_command(self) -> str:
         if self.uri == paths.local_tracking_uri():
             return "gnr ui"
-        return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_VIEW}"
 
 
 # -- after training: evaluation and analysis log into a run, the report reads runs back -------------
@@ -388,9 +391,6 @@ class SystemMetrics:
         self._failed = False
 
     def __enter__(self) -> "SystemMetrics":
-        import psutil
-
-        psutil.cpu_percent()  # starts the CPU-time window, else the first sample reads 0%
         self._thread.start()
         return self
 
@@ -404,6 +404,9 @@ class SystemMetrics:
             self._warn(e)
 
     def _loop(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # opens this thread's CPU-time window, else the first sample reads 0%
         while not self._stop.wait(self.monitor.sampling_interval):
             self._sample()
 

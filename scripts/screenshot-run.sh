@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Screenshot a gnr run in the MLflow UI with headless Chromium: starts `mlflow server` on loopback,
 # runs a tiny demo training that logs (and registers) its model, then saves PNGs of the experiment
-# page, the run page and the run's system-metrics tab under OUT (default ./screenshots).
+# page, the run page and the run's system-metrics tab under OUT (default ./screenshots), opened with
+# the links gnr prints (model-training views), and the experiment page without them
+# (experiment-plain.png: MLflow 3.17's per-browser default).
 #
 #   apt-get install -y chromium          # Debian; or point CHROMIUM at another Chrome/Chromium binary
 #   scripts/screenshot-run.sh [OUT]
@@ -35,13 +37,16 @@ from mlflow import MlflowClient
 run_id = json.load(open(sys.argv[1]))["run_id"]
 print(run_id, MlflowClient(sys.argv[2]).get_run(run_id).info.experiment_id)' "$WORK/summary.json" "$URI")
 
-shoot() {  # URL PNG
+VIEW=$("$BIN/python" -c 'from gnr.tracking import UI_VIEW; print(UI_VIEW)')
+
+shoot() {  # URL PNG [HEIGHT]
   "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --user-data-dir="$(mktemp -d -p "$WORK")" --hide-scrollbars \
-    --window-size=1400,1000 --virtual-time-budget=${BUDGET_MS:-20000} --screenshot="$2" "$1" 2> "$WORK/chromium.log" \
-    || { tail -5 "$WORK/chromium.log"; exit 1; }
+    --window-size=1400,"${3:-1000}" --virtual-time-budget="${BUDGET_MS:-20000}" --screenshot="$2" "$1" \
+    2> "$WORK/chromium.log" || { tail -5 "$WORK/chromium.log"; exit 1; }
   echo "$2  <-  $1"
 }
-shoot "$URI/#/experiments/$EXP" "$OUT/experiment.png"
-shoot "$URI/#/experiments/$EXP/runs/$RUN" "$OUT/run.png"
-shoot "$URI/#/experiments/$EXP/runs/$RUN/system-metrics" "$OUT/system-metrics.png"
+shoot "$URI/#/experiments/$EXP$VIEW" "$OUT/experiment.png"
+shoot "$URI/#/experiments/$EXP" "$OUT/experiment-plain.png"
+shoot "$URI/#/experiments/$EXP/runs/$RUN$VIEW" "$OUT/run.png" 2400
+shoot "$URI/#/experiments/$EXP/runs/$RUN/system-metrics$VIEW" "$OUT/system-metrics.png"

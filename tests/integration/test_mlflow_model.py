@@ -116,5 +116,9 @@ def test_run_is_named_described_and_sourced(demo_run, client):
 
 
 def test_experiments_gnr_creates_open_on_model_training(demo_run, client):
+    """The experiment kind tag, and the link gnr prints selects the UI's model-training views (MLflow 3.17
+    chooses them per browser; scripts/screenshot-run.sh shows both in a real browser)."""
     experiment = client.get_experiment_by_name("tests")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run_page = f"{demo_run['uri']}/#/experiments/{experiment.experiment_id}/runs/{demo_run['run_id']}"
+    assert demo_run["summary"]["ui_command"] == f"open {run_page}?workflowType=machine_learning"
