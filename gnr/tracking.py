@@ -397,7 +397,6 @@ class SystemMetrics:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
         try:
             self.monitor.mlflow_logger.flush()
         except Exception as e:
@@ -406,9 +405,10 @@ class SystemMetrics:
     def _loop(self) -> None:
         import psutil
 
-        psutil.cpu_percent()  # opens this thread's CPU-time window, else the first sample reads 0%
+        psutil.cpu_percent()  # psutil measures CPU per calling thread: open this thread's first window
         while not self._stop.wait(self.monitor.sampling_interval):
             self._sample()
+        self._sample()  # the last one: a job shorter than the interval still has one
 
     def _sample(self) -> None:
         try:

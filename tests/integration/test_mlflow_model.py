@@ -69,6 +69,7 @@ def test_eval_by_model_uri_logs_into_the_source_run(demo_run, client, tmp_path):
     after = client.get_metric_history(demo_run["run_id"], "system/cpu_utilization_percentage")
     assert len(after) > before  # at least the evaluation's last sample
     assert sorted(m.step for m in after) == list(range(len(after)))  # evaluation continues training's steps
+    assert all(m.value > 0 for m in after)  # a job is running: no sample reads an idle 0% CPU
 
 
 def test_every_model_uri_form_resolves_to_the_source_run(demo_run, client):
