@@ -14,7 +14,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host"),
 ) -> None:
     """Start `mlflow ui` on the local store (Ctrl-C to stop)."""
-    from cli.common import err_console
+    from gnr.cli.common import err_console
     from gnr import paths
     from gnr.tracking import UI_VIEW
 
