@@ -14,8 +14,8 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host"),
 ) -> None:
     """Start `mlflow ui` on the local store (Ctrl-C to stop)."""
-    from gnr.cli.common import err_console
     from gnr import paths
+    from gnr.cli.common import err_console
     from gnr.tracking import UI_VIEW
 
     uri = tracking_uri or paths.local_tracking_uri()
