@@ -343,11 +343,13 @@ class EvalResult:
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
     """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
+    from gnr.tracking import system_metrics
+
     dist = distributed.init(spec.device)
     try:
         loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
-        with _system_metrics(run_id, uri, loaded.cfg, dist):
+        with system_metrics(run_id, uri, loaded.cfg, dist):
             return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)
     finally:
         distributed.close()
@@ -356,7 +358,7 @@ def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
 def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
                       on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint from elsewhere (timm, RobustBench) with ``cfg``'s model and data, as a new run."""
-    from gnr.tracking import NOTE_TAG, RunWriter, create_run
+    from gnr.tracking import NOTE_TAG, RunWriter, create_run, system_metrics
 
     path = Path(weights_file).resolve()
     if not path.is_file():
@@ -374,7 +376,7 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         run_id = distributed.broadcast_object(run_id)
         writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
         identity = {"run_id": run_id, "weights": file_sha256(path)}
-        with _system_metrics(run_id, cfg.tracking.uri, cfg, dist):
+        with system_metrics(run_id, cfg.tracking.uri, cfg, dist):
             result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
         status = "FINISHED"
         return result
@@ -382,12 +384,6 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         if writer is not None:
             writer.finish(status)
         distributed.close()
-
-
-def _system_metrics(run_id: str, uri: str | None, cfg: RunConfig, dist: distributed.Dist):
-    from gnr.tracking import system_metrics
-
-    return system_metrics(run_id, uri, node_id=dist.node_id, enabled=cfg.tracking.system_metrics and dist.is_node_main)
 
 
 @dataclass

@@ -423,11 +423,14 @@ class SystemMetrics:
             logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))
 
 
-def system_metrics(run_id: str, uri: str | None = None, *, enabled: bool = True, node_id: str | None = None):
-    """A context that logs :class:`SystemMetrics` while it is open (nothing when not ``enabled``)."""
+def system_metrics(run_id: str, uri: str | None, cfg: RunConfig, dist):
+    """A context that logs :class:`SystemMetrics` into ``run_id`` while it is open, from one process per
+    node (``dist``: a :class:`gnr.distributed.Dist`); nothing when ``tracking.system_metrics`` is off."""
     from contextlib import nullcontext
 
-    return SystemMetrics(run_id, uri, node_id) if enabled else nullcontext()
+    if cfg.tracking.system_metrics and dist.is_node_main:
+        return SystemMetrics(run_id, uri, dist.node_id)
+    return nullcontext()
 
 
 def download_weights(run_id: str, which: str, dst: str | Path, uri: str | None = None) -> Path:

@@ -409,8 +409,7 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
         trainer.resume()
         if tracker:
             tracker.set_tags({"activations_replaced": trainer.replaced, "world_size": dist.world})
-        with StopRequested() as stop, system_metrics(run_id, cfg.tracking.uri, node_id=dist.node_id,
-                                                     enabled=cfg.tracking.system_metrics and dist.is_node_main):
+        with StopRequested() as stop, system_metrics(run_id, cfg.tracking.uri, cfg, dist):
             status = trainer.run(stop)
         final = trainer.finish() if status == "FINISHED" else {}
         metrics = {**{f"holdout/{k}": v for k, v in trainer.last_eval.items()}, **final}
