@@ -428,9 +428,13 @@ def system_metrics(run_id: str, uri: str | None, cfg: RunConfig, dist):
     node (``dist``: a :class:`gnr.distributed.Dist`); nothing when ``tracking.system_metrics`` is off."""
     from contextlib import nullcontext
 
-    if cfg.tracking.system_metrics and dist.is_node_main:
+    if not (cfg.tracking.system_metrics and dist.is_node_main):
+        return nullcontext()
+    try:
         return SystemMetrics(run_id, uri, dist.node_id)
-    return nullcontext()
+    except Exception as e:  # psutil missing, store unreadable: system metrics never stop a job
+        logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))
+        return nullcontext()
 
 
 def download_weights(run_id: str, which: str, dst: str | Path, uri: str | None = None) -> Path:
