@@ -24,8 +24,9 @@ CMD ["server", "--host=0.0.0.0", "--port=5000"]
 FROM ${BASE_IMAGE} AS gnr
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# Dependencies first (a layer that survives code changes), then gnr itself without them.
-# GNR_EXTRAS (e.g. gcs,azure) adds the optional object-store clients for gs:// and az:// data.
+# Dependencies first (a layer that survives code changes), then gnr itself without them. nvidia-ml-py
+# (pynvml) gives MLflow's system metrics the GPUs' utilisation and memory. GNR_EXTRAS (e.g. gcs,azure)
+# adds the optional object-store clients for gs:// and az:// data.
 WORKDIR /opt/gnr
 COPY pyproject.toml README.md ./
 ARG GNR_EXTRAS=""
@@ -33,7 +34,7 @@ RUN GNR_EXTRAS="${GNR_EXTRAS}" python -c 'import os, tomllib; p = tomllib.load(o
 extras = [e for e in os.environ["GNR_EXTRAS"].split(",") if e]; \
 print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
       > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt "nvidia-ml-py==13.615.71" \
  && rm /tmp/requirements.txt
 COPY gnr ./gnr
 COPY cli ./cli

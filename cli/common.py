@@ -13,6 +13,7 @@ err_console = Console(stderr=True)
 SET_HELP = "Override any config field, e.g. --set optim.batch_size=128 (repeatable)."
 # Every command prints a rich table by default; --json opts in to machine-readable output.
 JSON = typer.Option(False, "--json", help="Print JSON on stdout instead of a table.")
+MODEL_URI_SCHEMES = ("runs:/", "models:/")  # what --model takes as an MLflow model, not a timm name
 
 
 def print_json(payload: Any) -> None:
