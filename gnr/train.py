@@ -7,26 +7,23 @@ one, and ends the run as FINISHED, FAILED (non-finite loss, crash) or KILLED (Ct
 
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from gnr import checkpoint, distributed, paths
 from gnr.config import RunConfig
 from gnr.data.loader import eval_loader, steps_per_epoch, train_loader, with_resolved_source
 from gnr.errors import GnrError
 from gnr.models import build_model
-from gnr.objectives import build_objective
-from gnr.scoring import autocast, clean_and_pgd_accuracy
+from gnr.scoring import clean_and_pgd_accuracy
+from gnr.step import build_train_step
 from gnr.tracking import Tracker, check_reachable, resolve_uri
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
@@ -76,26 +73,6 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    amp = cfg.runtime.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def soft_targets(cfg: RunConfig):
-    """Mixup/CutMix with label smoothing (timm), or plain smoothed one-hot targets."""
-    from timm.data import Mixup
-    from timm.data.mixup import one_hot
-
-    a = cfg.augment
-    if a.mixup > 0 or a.cutmix > 0:
-        return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, switch_prob=a.mixup_switch_prob,
-                     label_smoothing=a.smoothing, num_classes=cfg.data.num_classes)
-    off = a.smoothing / cfg.data.num_classes
-    return lambda x, y: (x, one_hot(y, cfg.data.num_classes, on_value=1.0 - a.smoothing + off, off_value=off))
-
-
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -123,16 +100,12 @@ after each epoch's held-out check, on rank 0 only; the CLI draws it (the core dr
 
 class Trainer:
     def __init__(self, cfg: RunConfig, dist: distributed.Dist, on_event: ProgressFn | None = None):
-        import timm.optim
         import timm.scheduler
-        import timm.utils
 
         self.cfg, self.dist = cfg, dist
         self.on_event = on_event if dist.is_main else None
         self.run_id, self.tracker = "", None
         self.device = dist.device
-        self.amp = amp_dtype(cfg, self.device)
-        self.channels_last = cfg.runtime.channels_last and self.device.type == "cuda"
         self.spe = steps_per_epoch(cfg, dist.world)
         self.updates_per_epoch = max(1, self.spe // cfg.optim.accum_steps)
         self.total_updates = cfg.schedule.epochs * self.updates_per_epoch
@@ -141,27 +114,14 @@ class Trainer:
         self.global_batch = cfg.optim.batch_size * cfg.optim.accum_steps * dist.world
 
         model, self.replaced = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
-        model.to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ema = timm.utils.ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
-        self.optimizer = timm.optim.create_optimizer_v2(model.inner, opt=cfg.optim.opt, lr=cfg.lr(self.global_batch),
-                                                        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.opt_eps)
+        self.train_step = build_train_step(cfg, model, self.device, dist.world)
+        self.amp, self.ema, self.optimizer = self.train_step.amp, self.train_step.ema, self.train_step.optimizer
+        self.scaler = self.train_step.scaler
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
             warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
             updates_per_epoch=self.updates_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.train_model = model
-        if dist.world > 1:
-            self.train_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.objective = build_objective(cfg.objective)
-        if cfg.runtime.compile:
-            if self.objective.double_backward:
-                raise GnrError(f"runtime.compile: torch.compile has no double backward; use gradnorm-fd instead of {cfg.objective.method}")
-            self.train_model = torch.compile(self.train_model)
-        self.targets = soft_targets(cfg)
         self.update = 0  # optimizer steps done
         self.best_pgd = -1.0
         self.step_times: list[float] = []
@@ -263,38 +223,10 @@ class Trainer:
 
     def step(self, batches) -> tuple[dict[str, float], float]:
         """One optimizer update over `accum_steps` micro-batches. Returns (mean parts, non-finite flag)."""
-        cfg = self.cfg
-        accum = cfg.optim.accum_steps
-        progress = self.update / self.updates_per_epoch
-        loss_sum, parts_acc = 0.0, {}
-        for i in range(accum):
-            x, y = next(batches)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x, y_soft = self.targets(x, y)
-            sync = nullcontext() if i == accum - 1 or self.dist.world == 1 else self.train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.amp):
-                    loss, parts = self.objective(self.train_model, x, y_soft, progress)
-                self.scaler.scale(loss / accum).backward()
-            loss_sum = loss_sum + loss.detach()
-            for k, v in parts.items():
-                parts_acc[k] = parts_acc.get(k, 0.0) + v.detach().float()
-        if cfg.optim.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        parts, nonfinite = self.train_step(batches, self.update / self.updates_per_epoch, self.update + 1)
         self.update += 1
         self.scheduler.step_update(self.update)
-        if self.ema:
-            self.ema.update(self.model, step=self.update)
-        mean_loss = float(loss_sum) / accum
-        parts_out = {"loss": mean_loss, **{k: float(v) / accum for k, v in parts_acc.items()}}
-        return parts_out, float(not math.isfinite(mean_loss))
+        return parts, float(nonfinite)
 
     def _log_window(self, window: "Window") -> None:
         if self.tracker is None or not window.steps:
