@@ -22,7 +22,7 @@ import timm
 import torch
 
 from gnr.bench.counter import CostCounter
-from gnr.config import DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig, RuntimeConfig
+from gnr.config import RunConfig, validate
 from gnr.distributed import pick_device
 from gnr.errors import GnrError
 from gnr.models import build_model
@@ -52,13 +52,10 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float | None:
-    """The device's dense peak for ``dtype`` (None: fp32), or None when unknown (a CPU, an unlisted GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def peak_tflops(device_name: str, dtype: torch.dtype | None) -> float | None:
+    """A GPU's dense datasheet peak for ``dtype`` (None: fp32), or None when unknown or not a GPU."""
     for pattern, peaks in GPU_PEAK_TFLOPS:
-        if pattern in name:
+        if pattern in device_name:
             return peaks.get(DTYPE_KEYS[dtype])
     return None
 
@@ -73,10 +70,10 @@ def bench_config(*, model: str, img_size: int, batch_size: int, method: str, act
                  compile: bool) -> RunConfig:
     """The run configuration a user would train with, but for the benchmark's model and batch."""
     compile = compile and not OBJECTIVES[method].double_backward
-    return RunConfig(data=DataConfig(num_classes=NUM_CLASSES, img_size=img_size, eval_resize=max(img_size, 256)),
-                     model=ModelConfig(name=model, act=act), objective=ObjectiveConfig(method=method),
-                     optim=OptimConfig(batch_size=batch_size),
-                     runtime=RuntimeConfig(device=device, amp=amp, compile=compile))
+    return validate({"data": {"num_classes": NUM_CLASSES, "img_size": img_size, "eval_resize": max(img_size, 256)},
+                     "model": {"name": model, "act": act}, "objective": {"method": method},
+                     "optim": {"batch_size": batch_size},
+                     "runtime": {"device": device, "amp": amp, "compile": compile}})
 
 
 def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress: float) -> float:
@@ -153,7 +150,7 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
             row["fd_rel_error"] = fd_error(step, batch, progress)
         results[method] = row
         del step
-    peak_value = peak or peak_tflops(dev, dtype)
+    peak_value = peak or (peak_tflops(device_name(dev), dtype) if dev.type == "cuda" else None)
     natural = results.get("natural")
     for row in results.values():
         row["mfu"] = row["tflops"] / peak_value if peak_value else None
