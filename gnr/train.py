@@ -116,8 +116,8 @@ class Trainer:
         model, self.replaced = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
         self.model = model
         self.train_step = build_train_step(cfg, model, self.device, dist.world)
-        self.amp, self.ema, self.optimizer = self.train_step.amp, self.train_step.ema, self.train_step.optimizer
-        self.scaler = self.train_step.scaler
+        step = self.train_step
+        self.amp, self.ema, self.optimizer, self.scaler = step.amp, step.ema, step.optimizer, step.scaler
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
             warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
