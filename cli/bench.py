@@ -1,10 +1,10 @@
-"""`gnr bench loader|step`: throughput measurements printed as JSON."""
+"""`gnr bench loader|step`: data loader throughput; the cost of one optimizer step per method."""
 
 from typing import Optional
 
 import typer
 
-from cli.common import parse_csv, print_json
+from gnr.cli.common import parse_csv, print_json
 
 app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step.", no_args_is_help=True)
 
@@ -48,7 +48,7 @@ def step(
     if as_json:
         print_json(result)
     else:
-        from cli.common import console
-        from cli.render import bench_table
+        from gnr.cli.common import console
+        from gnr.cli.render import bench_table
 
         console.print(bench_table(result))
