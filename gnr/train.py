@@ -247,7 +247,7 @@ class Trainer:
                                   batch_size=cfg.eval.batch_size)
             result = clean_and_pgd_accuracy(scored, batches, eps=cfg.eval.eps, step_size=cfg.eval.pgd_step_size,
                                             steps=cfg.eval.pgd_steps, device=self.device, amp_dtype=self.amp)
-        is_best = result.get("pgd_acc", 0.0) > self.best_pgd
+        is_best = "pgd_acc" in result and result["pgd_acc"] > self.best_pgd  # eval.holdout=0: no score
         if is_best:
             self.best_pgd = result["pgd_acc"]
         path = self.save()
