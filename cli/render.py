@@ -31,28 +31,27 @@ def run_summary(result) -> Table:
     return table
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
 def bench_table(result: dict) -> Table:
-    peak = f"peak {result['peak_tflops']:g} TFLOP/s" if result.get("peak_tflops") else "no known peak: MFU n/a"
-    table = Table(title=f"gnr bench step: {result['model']} ({result['img_size']} px, batch {result['batch_size']}, "
-                        f"{result['dtype']}) on {result['device']}, {peak}", title_justify="left",
-                  caption=f"memory: {result['memory']}")
-    columns = ("method", "s/step", "x natural", "GFLOP/img", "FLOP x nat", "TFLOP/s", "MFU", "peak MiB",
-               "non-matmul MB/img", "non-matmul ops", "passes", "FD error")
-    for col in columns:
-        table.add_column(col, justify="left" if col == "method" else "right")
+    """One row per method; ratios are to natural; ``*`` marks a compiled step."""
+    peak = f"peak {result['peak_tflops']:g} TFLOP/s" if result.get("peak_tflops") else "MFU n/a: no known peak"
+    table = Table(title=f"gnr bench step: {result['model']} {result['img_size']} px, batch {result['batch_size']}, "
+                        f"{result['dtype']}, {result['device']}, {peak}", title_justify="left",
+                  caption=f"* compiled. ¹ written by non-matmul ops: MB per image, ops per step. "
+                          f"Memory: {result['memory']}.", caption_justify="left")
+    for col in ("method", "s/step", "×nat", "GFLOP/img", "FLOP×nat", "TFLOP/s", "MFU", "MiB", "MB/img¹",
+                "ops¹", "FD err"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
+    def ratio(value) -> str:
+        return f"{value:.2f}" if value else "-"
+
     for method, row in result["methods"].items():
-        fd = row.get("fd_rel_error")
-        table.add_row(method + (" (compiled)" if row.get("compiled") else ""), f"{row['sec_per_step']:.4g}",
-                      _fmt(row["ratio_to_natural"]) if row.get("ratio_to_natural") else "-",
-                      f"{row['gflop_per_image']:.3f}",
-                      _fmt(row["flop_ratio_to_natural"]) if row.get("flop_ratio_to_natural") else "-",
-                      f"{row['tflops']:.3g}", _pct(row.get("mfu")), f"{row['peak_memory_mib']:.0f}",
-                      f"{row['nonmatmul_mb_per_image']:.2f}", str(row["nonmatmul_ops"]), str(row["passes"]),
-                      "" if fd is None else f"{100 * fd:+.2f}%")
+        fd, mfu = row.get("fd_rel_error"), row.get("mfu")
+        table.add_row(method + ("*" if row.get("compiled") else ""), f"{row['sec_per_step']:.3g}",
+                      ratio(row.get("ratio_to_natural")), f"{row['gflop_per_image']:.3g}",
+                      ratio(row.get("flop_ratio_to_natural")), f"{row['tflops']:.3g}",
+                      "n/a" if mfu is None else f"{100 * mfu:.1f}%", f"{row['peak_memory_mib']:.0f}",
+                      f"{row['nonmatmul_mb_per_image']:.3g}", str(row["nonmatmul_ops"]),
+                      "" if fd is None else f"{100 * fd:+.3f}%")
     return table
 
 
