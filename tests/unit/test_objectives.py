@@ -88,6 +88,16 @@ def test_finite_difference_is_within_one_percent_of_the_exact_penalty(kind, amp)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_finite_difference_passes_run_in_fp32_without_tf32_convolutions():
+    model = smooth_mlp().train()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((out.dtype, torch.backends.cudnn.allow_tf32)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        build_objective(ObjectiveConfig(method="gradnorm-fd"))(model, torch.rand(4, 3, 8, 8), soft_targets(4, 10), 9.0)
+        model(torch.rand(4, 3, 8, 8))  # the caller's autocast and flags are back afterwards
+    assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)]
+
+
 def test_finite_difference_replays_the_dropout_masks():
     model = smooth_mlp(dropout=0.5).train()
     x, y = torch.rand(16, 3, 8, 8), soft_targets(16, 10)
