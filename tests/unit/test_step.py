@@ -68,3 +68,13 @@ def test_compile_runs_gradnorm_fd_and_is_refused_for_double_backward():
     assert all(not torch.equal(p, old) for p, old in zip(model.parameters(), before))
     with pytest.raises(GnrError, match="no double backward"):
         build_train_step(mlp_config("gradnorm"), smooth_mlp(), CPU)
+
+
+def test_an_epoch_without_held_out_check_still_saves(demo_shards, tmp_path):
+    cfg = bench_config(model="test_resnet", img_size=32, batch_size=8, method="natural", act="keep",
+                       device="cpu", amp="none", compile=False)
+    cfg.data.source, cfg.eval.holdout, cfg.checkpoint.dir = str(demo_shards), 0, str(tmp_path)
+    trainer = Trainer(cfg, Dist(rank=0, world=1, local_rank=0, device=CPU))
+    trainer.attach("run", None)
+    assert trainer.end_epoch() == {} and trainer.best_pgd == -1.0
+    assert list((tmp_path / "run").glob("*.pt"))
