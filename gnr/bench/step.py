@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import timm
 import torch
 
@@ -77,7 +78,8 @@ def bench_config(*, model: str, img_size: int, batch_size: int, method: str, act
 
 
 def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress: float) -> float:
-    """Relative error of gradnorm-fd's ‖∇ₓℓ‖₁ against exact double backprop, same batch and masks."""
+    """Relative error of gradnorm-fd's ‖∇ₓℓ‖₁ against exact double backprop (under the step's
+    autocast, as the gradnorm method would train), same batch and dropout masks."""
     x, y_soft = step.targets(batch[0].clone(), batch[1])
     values = []
     for objective in (step.objective, GradNorm(step.objective.cfg)):
@@ -105,6 +107,8 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
     dev = pick_device(device, 0)
     configs = {m: bench_config(model=model, img_size=img_size, batch_size=batch_size, method=m, act=act,
                                device=device, amp=amp, compile=compile) for m in methods}
+    torch.manual_seed(0)  # the same weights, batch and mixup draws on every run
+    np.random.seed(0)
     net, swapped = build_model(configs[methods[0]].model, NUM_CLASSES, img_size)
     net.train()
     batch = (torch.rand(batch_size, 3, img_size, img_size, device=dev),

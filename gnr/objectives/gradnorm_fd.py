@@ -9,7 +9,9 @@ the difference direction.
 Accuracy, measured against exact double backprop in fp32 (resnet18 with GELU and with ReLU at
 64 px, vit_tiny at 224 px; relative error of ‖∇ₓℓ‖₁): ``d`` is a dense ±1 step on every pixel and
 the loss bends along it within thousandths of a pixel. h = 0.01 (the old default) is 11-20% below
-exact, 1e-3 0.3-1.6%, 3e-4 within 0.5%, 1e-4 within 0.1% (the default), 3e-5 no better (rounding).
+exact, 1e-3 0.3-1.6%, 3e-4 within 0.5%, 1e-4 within 0.1% (the default; ReLU on a mixup batch
+0.5%: kinks), 1e-5 worse with GELU (rounding); a smaller h also loses more to cancellation as
+‖∇ₓℓ‖₁ shrinks in training.
 A central difference is no better at the same h (the bend is not quadratic) and costs two more
 passes, so the forward difference stays. All passes run in fp32, also under autocast: after
 normalisation ``h·d`` is far below bf16's resolution, and a bf16 difference measures rounding
