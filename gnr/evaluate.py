@@ -321,9 +321,15 @@ class EvalResult:
 
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
-    """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
+    """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run. A run left
+    RUNNING by a process that is gone is reported and marked FAILED first."""
+    from gnr.tracking import fix_stale_run
+
     dist = distributed.init(spec.device)
     try:
+        stale = fix_stale_run(run_id, uri) if dist.is_main else None
+        if stale:
+            logging.getLogger(__name__).warning(stale)
         loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
         return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)

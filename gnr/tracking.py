@@ -82,6 +82,7 @@ def client(uri: str | None = None):
     # mlflow sets its loggers up on import; a new local store logs its migrations at INFO.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one line per retry; gnr says once what failed
     resolved = resolve_uri(uri)
     try:
         return MlflowClient(tracking_uri=resolved)  # a SQL store is opened (and migrated) here
@@ -126,6 +127,13 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
     return params
 
 
+def public_config(cfg: RunConfig) -> RunConfig:
+    """The config as stored with a run (artifact, checkpoints): the tracking URI without credentials."""
+    if not cfg.tracking.uri:
+        return cfg
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
+
+
 def run_tags(cfg: RunConfig) -> dict[str, str]:
     return {"method": cfg.objective.method, "model": cfg.model.name, "activation": cfg.model.act,
             "dataset": cfg.data.source, "preset": cfg.preset}
@@ -141,7 +149,7 @@ def create_run(cfg: RunConfig, tags: dict[str, str] | None = None, status: str =
     run_id = run.info.run_id
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
     _log_params(c, run_id, run_params(cfg))
-    c.log_text(run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+    c.log_text(run_id, public_config(cfg).to_yaml(), CONFIG_ARTIFACT)
     c.update_run(run_id, status=status)
     return run_id
 
@@ -224,7 +232,9 @@ class Tracker:
                 log.warning("run %s was left RUNNING but %s; resuming it", self.run_id, stale)
             if not run.data.params:
                 _log_params(self.client, self.run_id, run_params(cfg))
-                self.client.log_text(self.run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+                self.client.log_text(self.run_id, public_config(cfg).to_yaml(), CONFIG_ARTIFACT)
+            if FAILURE_TAG in run.data.tags:  # an earlier attempt's failure; this one starts clean
+                self.client.delete_tag(self.run_id, FAILURE_TAG)
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = create_run(cfg, status="RUNNING")

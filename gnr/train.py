@@ -27,7 +27,7 @@ from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import build_objective
 from gnr.scoring import autocast, clean_and_pgd_accuracy
-from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, resolve_uri
+from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, resolve_uri
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
 # anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
@@ -182,7 +182,8 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def state(self, rng: list[dict]) -> dict:
         return {
-            "update": self.update, "best_pgd": self.best_pgd, "skipped_total": self.skipped_total, "config": self.cfg.model_dump(mode="json"),
+            "update": self.update, "best_pgd": self.best_pgd, "skipped_total": self.skipped_total,
+            "config": public_config(self.cfg).model_dump(mode="json"),
             "model": self.model.state_dict(), "state_dict_ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng,
