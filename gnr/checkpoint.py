@@ -38,12 +38,23 @@ def save(state: dict, directory: Path, step: int, keep_last: int) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale(directory)
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)  # a file object: a full disk raises OSError(ENOSPC), not a torn-zip RuntimeError
-    except OSError as e:
-        raise GnrError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        raise GnrError(f"cannot write checkpoint {path}: {_io_cause(e)}") from None
     for old in sorted(directory.glob(f"{PREFIX}*.pt"))[:-keep_last]:
         old.unlink()
     return path
+
+
+def _io_cause(e: BaseException) -> str:
+    """torch reports a failed write (e.g. ENOSPC) as "unexpected pos" RuntimeError; the OSError it
+    replaced says what happened."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        cause = cause.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def latest(directory: Path) -> Path | None:
