@@ -27,7 +27,7 @@ from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import build_objective
 from gnr.scoring import autocast, clean_and_pgd_accuracy
-from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, resolve_uri
+from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, redact, resolve_uri
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
 # anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
@@ -423,7 +423,7 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
             run_id=run_id, status=status, is_main=dist.is_main, method=cfg.objective.method, model=cfg.model.name,
             act=cfg.model.act, steps=trainer.update, epochs=trainer.update / trainer.updates_per_epoch,
             elapsed_s=time.perf_counter() - started, sec_per_step=final.get("perf/sec_per_step", float("nan")),
-            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "")
+            metrics=metrics, tracking_uri=redact(tracker.uri) if tracker else "", ui_command=tracker.ui_command() if tracker else "")
     except KeyboardInterrupt:
         status = "KILLED"
         raise

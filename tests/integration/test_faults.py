@@ -105,6 +105,7 @@ def test_mlflow_outage_buffers_and_resume_finishes_the_run(auth_server, demo_sha
     assert "unreachable" in lines[0] and "training goes on" in lines[0]
     run_id = next(home.joinpath("checkpoints").iterdir()).name
     assert f"gnr train --resume {run_id}" in lines[1] and "resumable" in lines[1]
+    print(f"server killed -> trainer exited in {took:.1f} s")
     assert took < 120, took
     ckpts = _checkpoints(home, run_id)
     assert ckpts[-1].name == "step-000000030.pt"
