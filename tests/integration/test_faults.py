@@ -270,3 +270,35 @@ def test_figures_label_imagenet_file_names(imagenet_sample, tmp_path):
     x, y, names = run_inputs(run, folder_images(folder, k=len(chosen)), len(chosen), torch.device("cpu"))
     assert names == [p.name for p in chosen] and x.shape == (len(chosen), 3, 32, 32)
     assert y.tolist() == [class_map[p.name.split("_")[0]] for p in chosen]
+
+
+def test_stale_running_runs_are_recognised(mlflow_server, caplog):
+    """Item 1: a RUNNING run whose process is gone (same host, dead pid) or silent for too long is stale;
+    resuming it says so, and a live one is not stale."""
+    import socket
+
+    from gnr import tracking
+    from gnr.config import build_config
+
+    cfg = build_config("demo", overrides=[f"tracking.uri={mlflow_server}", "tracking.experiment=stale"])
+    c = tracking.client(mlflow_server)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cases = {"gone": {tracking.PID_TAG: dead.pid, tracking.HOST_TAG: socket.gethostname()},
+             "silent": {tracking.PID_TAG: 1, tracking.HOST_TAG: "elsewhere", tracking.HEARTBEAT_TAG: int(time.time()) - 3600},
+             "alive": {tracking.PID_TAG: os.getppid(), tracking.HOST_TAG: socket.gethostname(),
+                       tracking.HEARTBEAT_TAG: int(time.time())}}
+    runs = {name: tracking.create_run(cfg, tags={k: str(v) for k, v in tags.items()}, status="RUNNING")
+            for name, tags in cases.items()}
+    reasons = {name: tracking.stale_reason(c.get_run(run_id)) for name, run_id in runs.items()}
+    assert reasons["gone"] == f"its process {dead.pid} on {socket.gethostname()} is gone"
+    assert reasons["silent"].startswith("its process (1 on elsewhere) has not reported for 60 min")
+    assert reasons["alive"] is None
+
+    resumed = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": runs["gone"]})})
+    with caplog.at_level("WARNING", logger="gnr.tracking"):
+        tracker = tracking.Tracker(resumed)
+    assert f"run {runs['gone']} was left RUNNING but its process {dead.pid}" in caplog.text
+    assert c.get_run(runs["gone"]).data.tags[tracking.PID_TAG] == str(os.getpid())  # this process owns it now
+    tracker.finish("KILLED")
+    assert c.get_run(runs["gone"]).info.status == "KILLED"
