@@ -91,7 +91,10 @@ def client(uri: str | None = None):
 
 
 def _experiment_id(mlflow_client, name: str, uri: str) -> str:
-    exp = mlflow_client.get_experiment_by_name(name)
+    try:  # the first call that needs a login: a wrong password (HTTP 401) is one line here
+        exp = mlflow_client.get_experiment_by_name(name)
+    except Exception as e:
+        raise GnrError(f"cannot read MLflow experiment '{name}' at {redact(uri)}: {_cause(e)}") from None
     if exp is not None:
         return exp.experiment_id
     location = None

@@ -83,6 +83,10 @@ def test_mlflow_outage_buffers_and_resume_finishes_the_run(auth_server, demo_sha
     goes on, buffers, and exits with one line saying how to resume; `gnr eval` fixes the stale RUNNING
     run; `gnr train --resume` sends the buffer and ends the run FINISHED."""
     home = tmp_path / "home"
+    wrong = auth_server.uri.replace(PASSWORD, "Wrong-password-123")
+    proc = run_gnr("train", "natural", "--tracking-uri", wrong, "--data", demo_shards, env={"GNR_HOME": str(home)})
+    assert_one_line_error(proc, "401")
+    assert "Wrong-password" not in proc.stderr + proc.stdout
     args = ["train", "gradnorm", "--max-steps", "30", "--data", demo_shards, "--set", "eval.holdout=40",
             "--set", "checkpoint.every_minutes=100", "--tracking-uri", auth_server.uri, "--experiment", "outage", "--json"]
     env = {**os.environ, "GNR_HOME": str(home)}
