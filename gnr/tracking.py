@@ -249,9 +249,16 @@ class Tracker:
         """Buffer into ``directory`` from now on, and first send what an earlier process buffered there."""
         self.spool = Spool(directory / "mlflow-spool.jsonl")
         pending = len(self.spool)
-        if pending:
+        if not pending:
+            return
+        try:
             self._send_spool()
-            log.warning("sent %d MLflow calls buffered while the server was down", pending)
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            self._go_offline(e)
+            return
+        log.warning("sent %d MLflow calls buffered while the server was down", pending)
 
     # -- what the trainer logs -------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -298,10 +305,13 @@ class Tracker:
         except Exception as e:
             if self.spool is None or not is_outage(e):
                 raise
-            self.offline_since = self._last_probe = time.monotonic()
-            log.warning("MLflow server %s is unreachable (%s); training goes on, buffering metrics and "
-                        "artifacts in %s", redact(self.uri), _cause(e), self.spool.path)
+            self._go_offline(e)
             self.spool.append(op)
+
+    def _go_offline(self, e: Exception) -> None:
+        self.offline_since = self._last_probe = time.monotonic()
+        log.warning("MLflow server %s is unreachable (%s); training goes on, buffering metrics and "
+                    "artifacts in %s", redact(self.uri), _cause(e), self.spool.path)
 
     def _back_online(self, force: bool = False) -> bool:
         if not force and time.monotonic() - self._last_probe < PROBE_EVERY_S:
