@@ -600,6 +600,8 @@ class SystemMetrics:
             self._warn(e)
 
     def _warn(self, e: Exception) -> None:
+        if is_outage(e):  # samples are dropped while the server is down; the trainer says so once
+            return
         if not self._failed:
             self._failed = True
             logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))
