@@ -24,7 +24,7 @@ from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.scoring import clean_and_pgd_accuracy
 from gnr.step import build_train_step
-from gnr.tracking import Tracker, check_reachable, resolve_uri, system_metrics
+from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, redact, resolve_uri, system_metrics
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
 # anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
@@ -126,6 +126,7 @@ class Trainer:
             updates_per_epoch=self.updates_per_epoch)
         self.update = 0  # optimizer steps done
         self.best_pgd = -1.0
+        self.skipped_total = 0  # training samples lost to corrupt shards, all epochs so far
         self.step_times: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.logged_model = None  # mlflow ModelInfo, set by finish()
@@ -136,11 +137,16 @@ class Trainer:
         self.run_id, self.tracker = run_id, tracker
         self.cfg.tracking.run_id = run_id
         self.ckpt_dir = Path(self.cfg.checkpoint.dir or paths.checkpoint_root()) / run_id
+        if self.dist.is_main:
+            checkpoint.prepare_dir(self.ckpt_dir)
+        if tracker is not None:
+            tracker.attach_spool(self.ckpt_dir)
 
     # -- state -------------------------------------------------------------------------------
     def state(self, rng: list[dict]) -> dict:
         return {
-            "update": self.update, "best_pgd": self.best_pgd, "config": self.cfg.model_dump(mode="json"),
+            "update": self.update, "best_pgd": self.best_pgd, "skipped_total": self.skipped_total,
+            "config": public_config(self.cfg).model_dump(mode="json"),
             "model": self.model.state_dict(), "state_dict_ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng,
@@ -170,6 +176,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.update, self.best_pgd = state["update"], state["best_pgd"]
+        self.skipped_total = state.get("skipped_total", 0)
         if len(state["rng"]) == self.dist.world:
             checkpoint.set_rng_state(state["rng"][self.dist.rank])
         else:  # resumed on another number of ranks: distinct but reproducible streams
@@ -221,7 +228,7 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
             if self.update % self.updates_per_epoch == 0 or self.update >= self.total_updates:
-                self.end_epoch(skipped_samples=batches.skipped_samples)
+                self.end_epoch(skipped=batches.skipped)
         return "FINISHED"
 
     def step(self, batches) -> tuple[dict[str, float], float]:
@@ -241,7 +248,9 @@ class Trainer:
                         "train/epoch": self.update / self.updates_per_epoch})
         self.tracker.log_metrics(metrics, step=self.update)
 
-    def end_epoch(self, skipped_samples: int = 0) -> dict[str, float]:
+    def end_epoch(self, skipped: dict[tuple[str, str], int] | None = None) -> dict[str, float]:
+        """Score the held-out set, checkpoint, log. Without a held-out set (``eval.holdout=0``) every
+        checkpoint is the best one, so ``best.pt`` is the last."""
         cfg = self.cfg
         scored = self.ema.module if self.ema else self.model
         result = {}
@@ -250,14 +259,18 @@ class Trainer:
                                   batch_size=cfg.eval.batch_size)
             result = clean_and_pgd_accuracy(scored, batches, eps=cfg.eval.eps, step_size=cfg.eval.pgd_step_size,
                                             steps=cfg.eval.pgd_steps, device=self.device, amp_dtype=self.amp)
-        is_best = "pgd_acc" in result and result["pgd_acc"] > self.best_pgd  # eval.holdout=0: no score
-        if is_best:
-            self.best_pgd = result["pgd_acc"]
+        score = result.get("pgd_acc")
+        is_best = score is None or score > self.best_pgd
+        if score is not None and is_best:
+            self.best_pgd = score
+        lost = self._skipped_this_epoch(skipped or {})
+        self.skipped_total += lost
         path = self.save()
         if self.tracker is not None:
-            metrics = {"holdout/clean_acc": result.get("clean_acc", float("nan")),
-                       f"holdout/pgd{cfg.eval.pgd_steps}_acc": result.get("pgd_acc", float("nan")),
-                       "epoch": self.update / self.updates_per_epoch, "data/skipped_samples": skipped_samples}
+            metrics = {"epoch": self.update / self.updates_per_epoch, "data/skipped_samples": lost,
+                       "data/skipped_samples_total": self.skipped_total}
+            if result:
+                metrics.update({"holdout/clean_acc": result["clean_acc"], f"holdout/pgd{cfg.eval.pgd_steps}_acc": score})
             self.tracker.log_metrics(metrics, step=self.update)
             self._log_checkpoint(path, "last.pt")
             if is_best:
@@ -266,6 +279,13 @@ class Trainer:
         if self.on_event and result:
             self.on_event({"holdout": result, "epoch": self.update / self.updates_per_epoch})
         return result
+
+    def _skipped_this_epoch(self, mine: dict[tuple[str, str], int]) -> int:
+        """Samples lost this epoch over all ranks, each loss once (ranks may meet the same bad shard)."""
+        merged: dict[tuple[str, str], int] = {}
+        for part in distributed.all_gather_object(mine):
+            merged.update(part)
+        return sum(merged.values())
 
     def _log_checkpoint(self, path: Path, name: str) -> None:
         staged = self.ckpt_dir / "logged" / name
@@ -287,6 +307,8 @@ class Trainer:
         timed = self.step_times[min(3, len(self.step_times) - 1):] if self.step_times else [float("nan")]
         final = {"perf/sec_per_step": sum(timed) / len(timed), "perf/steps": self.update}
         self.tracker.log_metrics(final, step=self.update)
+        if self.tracker.offline_since is not None:  # server down: `gnr train --resume` logs the model
+            return final
         example, *_ = next(iter(eval_loader(self.cfg, limit=2, batch_size=2)))
         self.logged_model = self.tracker.log_model(self.ema.module if self.ema else self.model, example,
                                                    self.cfg.tracking.register_as)
@@ -349,10 +371,14 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
             run_id=run_id, status=status, is_main=dist.is_main, method=cfg.objective.method, model=cfg.model.name,
             act=cfg.model.act, steps=trainer.update, epochs=trainer.update / trainer.updates_per_epoch,
             elapsed_s=time.perf_counter() - started, sec_per_step=final.get("perf/sec_per_step", float("nan")),
-            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "",
+            metrics=metrics, tracking_uri=redact(tracker.uri) if tracker else "", ui_command=tracker.ui_command() if tracker else "",
             **_model_fields(trainer.logged_model, cfg.tracking.register_as))
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as e:
+        if tracker is not None:  # the reason stays with the run
+            tracker.set_tags({FAILURE_TAG: str(e) if isinstance(e, GnrError) else f"{type(e).__name__}: {e}"})
         raise
     finally:
         if tracker is not None:
