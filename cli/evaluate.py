@@ -21,8 +21,14 @@ def evaluate(
                                     help="Evaluate the first N images (spell it --limit under torchrun, which claims --n)."),
     attacks: str = typer.Option("clean,pgd10,autoattack", "--attacks", help="Any of clean, pgd<steps>, autoattack."),
     eps: str = typer.Option("1,2,4", "--eps", help="L∞ budgets in 1/255."),
-    batch_size: int = typer.Option(100, "--batch-size", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Default: from free GPU memory on CUDA, else 100."),
     device: str = typer.Option("auto", "--device"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the model under attack. Default: on CUDA."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) | bf16: AutoAttack's iterations in bf16, "
+                                  "every verdict re-checked in fp32, disagreements re-attacked in fp32."),
+    profile: bool = typer.Option(False, "--profile", help="Also print seconds and passes per attack and ε."),
     seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="With --weights PATH: the timm model name."),
     preset: str = typer.Option("demo", "--preset", "-p", help="With --weights PATH: preset for data / model."),
@@ -45,11 +51,13 @@ def evaluate(
         raise GnrError("name the run to evaluate with --run-id ID (or pass --weights PATH)")
     spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)),
                     weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
-                    batch_size=batch_size, device=device, seed=seed)
+                    batch_size=batch_size, device=device, seed=seed, compile=compile, precision=precision)
     if submit:
         return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
-    on_batch, progress = _progress_bar(as_json or os.environ.get("RANK", "0") != "0")
+    quiet = as_json or os.environ.get("RANK", "0") != "0"
+    on_batch, progress = _progress_bar(quiet)
+    on_event = None if quiet else AttackDisplay(progress if err_console.is_terminal else None)
     with progress:
         if external:
             from gnr.config import build_config
@@ -57,11 +65,11 @@ def evaluate(
 
             cfg = build_config(preset=preset, overrides=overrides, fields={
                 "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
-            result = evaluate_external(Path(weights), cfg, spec, on_batch=on_batch)
+            result = evaluate_external(Path(weights), cfg, spec, on_batch=on_batch, on_event=on_event)
         else:
             from gnr.evaluate import evaluate as run_eval
 
-            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch)
+            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch, on_event=on_event)
     if not result.is_main:
         return
     if as_json:
@@ -70,6 +78,8 @@ def evaluate(
         from cli.render import eval_summary
 
         console.print(eval_summary(result))
+        if profile or result.rechecks:
+            console.print(attack_profile(result))
 
 
 def _progress_bar(quiet: bool):
@@ -80,7 +90,7 @@ def _progress_bar(quiet: bool):
         return None, nullcontext()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                         TimeElapsedColumn(), TextColumn("{task.fields[acc]}"), console=err_console, transient=True)
     task = progress.add_task("eval", total=None, speed="", acc="")
 
@@ -90,6 +100,66 @@ def _progress_bar(quiet: bool):
         progress.update(task, completed=p.done, total=p.total, speed=speed, acc=acc)
 
     return on_batch, progress
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class AttackDisplay:
+    """Renders the core's plan and per-attack events: a line on the progress bar on a terminal, else
+    plain lines on stderr (one per attack and batch)."""
+
+    def __init__(self, progress=None):
+        self.progress = progress
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from gnr.evaluate import EvalPlan
+
+        if isinstance(event, EvalPlan):
+            least, most = event.projected_s
+            s = event.settings
+            err_console.print(
+                f"eval: {event.images} images on {event.device} (x{event.world}), batch {event.batch_size}, "
+                f"compile {'on' if s.get('compile') else 'off'}, channels-last {'on' if s.get('channels_last') else 'off'}, "
+                f"{s.get('precision', 'fp32')}; projected {_duration(least)} .. {_duration(most)} "
+                "(every image broken by APGD-CE .. every image robust)", highlight=False)
+            return
+        robust = f"robust {event.robust}/{event.done} ({100 * event.robust / max(event.done, 1):.1f}%)"
+        eta = f"ETA {_duration(event.eta_s)}"
+        if self.progress is None:
+            err_console.print(f"{event.measure} {event.attack}: {event.done}/{event.total} images, {robust}, "
+                              f"{_duration(event.elapsed_s)} elapsed, {eta}", highlight=False, soft_wrap=True)
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("attack", total=event.total, speed="", acc="")
+        self.progress.update(self.task, description=f"{event.measure} {event.attack}", completed=event.done,
+                             total=event.total, speed=eta, acc=robust)
+
+
+def attack_profile(result):
+    """Seconds, passes per attacked image and images still robust, per measure and attack; bf16 re-checks."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="per attack", title_justify="left")
+    for col in ("measure", "attack", "precision", "images", "robust", "seconds", "fwd/img", "bwd/img"):
+        table.add_column(col, justify="left" if col in ("measure", "attack", "precision") else "right")
+    for r in result.attacks:
+        n = max(r["images"], 1)
+        table.add_row(r["measure"], r["attack"], r["precision"], str(r["images"]), str(r["robust"]),
+                      f"{r['seconds']:.1f}", f"{r['forward'] / n:.0f}", f"{r['backward'] / n:.0f}")
+    lines = [table]
+    for measure, c in result.rechecks.items():
+        lines.append(Text(f"{measure}: fp32 re-check of {c['checked']} bf16 verdicts: {c['agreed']} agreed, "
+                          f"{c['disagreed']} re-attacked in fp32, {c['flipped']} changed"))
+    return Group(*lines)
 
 
 def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str], image: Optional[str],
@@ -107,8 +177,11 @@ def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str],
 def pod_args(spec) -> list[str]:
     """`gnr eval` options reproducing ``spec`` in the pod (``--limit``: torchrun claims ``--n``)."""
     args = ["--weights", spec.weights, "--attacks", ",".join(spec.attacks), "--eps", ",".join(f"{e:g}" for e in spec.eps),
-            "--batch-size", str(spec.batch_size), "--seed", str(spec.seed)]
-    for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n)):
+            "--seed", str(spec.seed), "--precision", spec.precision]
+    if spec.compile is not None:
+        args.append("--compile" if spec.compile else "--no-compile")
+    for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n),
+                        ("--batch-size", spec.batch_size)):
         if value is not None:
             args += [flag, str(value)]
     return args
