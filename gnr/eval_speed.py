@@ -20,16 +20,41 @@ MEMORY_SHARE = 0.6  # of the free GPU memory: the attacks keep several copies of
 PROBE_BATCH = 8
 
 
-def prepare_model(model: nn.Module, device: torch.device, *, compile: bool | None = None) -> tuple[nn.Module, dict]:
-    """The model to attack and how it was prepared: channels-last on CUDA; compiled where ``compile``
-    is True, or None on CUDA. Shapes are dynamic: each attack runs on the images still robust."""
+def prepare_model(model: nn.Module, device: torch.device, *, compile: bool | None = None,
+                  channels_last: bool | None = None) -> tuple[nn.Module, dict]:
+    """The model to attack and how it was prepared: channels-last and compiled where asked, by default
+    on CUDA. Shapes are dynamic: each attack runs on the images still robust."""
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = cuda if channels_last is None else channels_last
     compiled = cuda if compile is None else compile
+    if channels_last:
+        model = ChannelsLast(model.to(memory_format=torch.channels_last))
     if compiled:
         model = torch.compile(model, dynamic=True)
-    return model, {"compile": compiled, "channels_last": cuda}
+    return model, {"compile": compiled, "channels_last": channels_last}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose gradient comes back in the default layout: pyautoattack ``view``s input gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class ChannelsLast(nn.Module):
+    """Runs ``model`` on a channels-last copy of its input; inputs and their gradients keep the default layout."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ContiguousGrad.apply(x).contiguous(memory_format=torch.channels_last))
 
 
 def auto_batch_size(model: nn.Module, img_size: int, device: torch.device) -> int:
@@ -70,8 +95,7 @@ def pass_seconds(model: nn.Module, img_size: int, batch_size: int, device: torch
 
 
 def _images(batch_size: int, img_size: int, device: torch.device) -> torch.Tensor:
-    x = torch.rand(batch_size, 3, img_size, img_size, device=device)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return torch.rand(batch_size, 3, img_size, img_size, device=device)
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor) -> None:
