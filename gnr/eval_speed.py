@@ -23,19 +23,21 @@ PROBE_BATCH = 8
 def prepare_model(model: nn.Module, device: torch.device, *, compile: bool | None = None,
                   channels_last: bool | None = None) -> tuple[nn.Module, dict]:
     """The model to attack and how it was prepared: channels-last and compiled where asked, by default
-    on CUDA. Shapes are dynamic: each attack runs on the images still robust."""
+    on CUDA (compiling pays off over thousands of images, not over a few on a CPU)."""
     cuda = device.type == "cuda"
     channels_last = cuda if channels_last is None else channels_last
     compiled = cuda if compile is None else compile
+    if not (channels_last or compiled):
+        return model, {"compile": False, "channels_last": False}
     if channels_last:
-        model = ChannelsLast(model.to(memory_format=torch.channels_last))
-    if compiled:
-        model = torch.compile(model, dynamic=True)
-    return model, {"compile": compiled, "channels_last": channels_last}
+        model = model.to(memory_format=torch.channels_last)
+    return Prepared(torch.compile(model) if compiled else model, channels_last), \
+        {"compile": compiled, "channels_last": channels_last}
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose gradient comes back in the default layout: pyautoattack ``view``s input gradients."""
+    """Identity whose gradient comes back in the default layout: pyautoattack ``view``s input gradients,
+    and channels-last or compiled backwards may return other strides."""
 
     @staticmethod
     def forward(ctx, x):
@@ -46,15 +48,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class ChannelsLast(nn.Module):
-    """Runs ``model`` on a channels-last copy of its input; inputs and their gradients keep the default layout."""
+class Prepared(nn.Module):
+    """Runs ``model`` (compiled or not) on a channels-last copy of its input where asked; inputs and
+    their gradients keep the default layout. The batch dimension is marked dynamic, so a compiled
+    model is not recompiled for each batch size (AutoAttack attacks the images still robust); only
+    that dimension, since symbolic image sizes break some models in inductor (timm's ConvNeXt stem)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, channels_last: bool):
         super().__init__()
-        self.model = model
+        self.model, self.channels_last = model, channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(_ContiguousGrad.apply(x).contiguous(memory_format=torch.channels_last))
+        x = _ContiguousGrad.apply(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self.model(x)
 
 
 def auto_batch_size(model: nn.Module, img_size: int, device: torch.device) -> int:

@@ -482,8 +482,10 @@ def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str
 
 def plan(model: nn.Module, cfg: RunConfig, spec: EvalSpec, images: int, dist: distributed.Dist,
          settings: dict) -> EvalPlan:
-    """Time one batch's forward and backward, then project this rank's cost (see :class:`EvalPlan`)."""
-    cost = eval_speed.pass_seconds(model, cfg.data.img_size, min(spec.batch_size, images), dist.device, reps=1)
+    """Time a batch's forward and backward (the real batch on CUDA, at most 8 images elsewhere, where time
+    per image hardly depends on the batch), then project this rank's cost (see :class:`EvalPlan`)."""
+    probe = min(spec.batch_size, images) if dist.device.type == "cuda" else min(spec.batch_size, images, 8)
+    cost = eval_speed.pass_seconds(model, cfg.data.img_size, probe, dist.device, reps=1)
     least, most = 0.0, 0.0
     for m in spec.measures():
         low, high = measure_passes(m, cfg.data.num_classes)
