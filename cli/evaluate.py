@@ -128,7 +128,7 @@ class AttackDisplay:
                 f"eval: {event.images} images on {event.device} (x{event.world}), batch {event.batch_size}, "
                 f"compile {'on' if s.get('compile') else 'off'}, channels-last {'on' if s.get('channels_last') else 'off'}, "
                 f"{s.get('precision', 'fp32')}; projected {_duration(least)} .. {_duration(most)} "
-                "(every image broken by APGD-CE .. every image robust)", highlight=False)
+                "(every image broken by APGD-CE .. every image robust)", highlight=False, soft_wrap=True)
             return
         robust = f"robust {event.robust}/{event.done} ({100 * event.robust / max(event.done, 1):.1f}%)"
         eta = f"ETA {_duration(event.eta_s)}"
