@@ -8,7 +8,8 @@ import typer
 from gnr.cli.common import JSON, console, parse_csv, print_json
 from gnr.cli.render import bench_table, loader_table
 
-app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step, AutoAttack cost.",
+                  no_args_is_help=True)
 
 
 @app.command("loader")
@@ -56,3 +57,38 @@ def step(
         print_json(result)
     else:
         console.print(bench_table(result))
+
+
+@app.command("eval")
+def eval_(
+    run_id: str = typer.Option(..., "--run-id", help="Trained run whose model is attacked (its pass counts are measured)."),
+    weights: str = typer.Option("ema", "--weights", help="ema | raw"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    n: int = typer.Option(16, "--n", help="Images attacked, in one batch."),
+    eps: str = typer.Option("4", "--eps", help="L∞ budgets in 1/255."),
+    model: str = typer.Option("swin_base_patch4_window7_224", "--model", help="Model whose full evaluation is projected."),
+    img_size: int = typer.Option(224, "--img-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch at which --model's passes are timed."),
+    images: int = typer.Option(5000, "--images", help="Images in the projected evaluation."),
+    world: int = typer.Option(1, "--world", help="Processes (GPUs) sharing the projected evaluation."),
+    device: str = typer.Option("auto", "--device"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="Default: on CUDA."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (re-checked in fp32)."),
+    project: bool = typer.Option(True, "--project/--no-project", help="Time --model and project its evaluation."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of the table."),
+) -> None:
+    """AutoAttack (standard, L∞) per attack and ε: seconds, forward / backward passes, images still robust;
+    and the projected cost of a full evaluation of --model."""
+    from gnr.bench.eval import bench_eval
+    from gnr.evaluate import parse_eps
+
+    result = bench_eval(run_id, uri=tracking_uri, weights=weights, n=n, eps=parse_eps(parse_csv(eps)), model=model,
+                        img_size=img_size, batch_size=batch_size, images=images, world=world, device=device,
+                        compile=compile, precision=precision, project=project)
+    if as_json:
+        print_json(result)
+    else:
+        from gnr.cli.common import console
+        from gnr.cli.render import eval_bench_table
+
+        console.print(eval_bench_table(result))

@@ -23,8 +23,14 @@ def evaluate(
     attacks: str = typer.Option("clean,pgd10,autoattack", "--attacks", help="Any of clean, pgd<steps>, autoattack."),
     eps: Optional[str] = typer.Option(None, "--eps", help="L∞ budgets in 1/255, e.g. 1,2,4. Default: the run's "
                                       "eval.eps (8 for the demo preset, 4 for swin-b)."),
-    batch_size: int = typer.Option(100, "--batch-size", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Default: from free GPU memory on CUDA, else 100."),
     device: str = typer.Option("auto", "--device"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the model under attack. Default: on CUDA."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) | bf16: AutoAttack's iterations in bf16, "
+                                  "every verdict re-checked in fp32, disagreements re-attacked in fp32."),
+    profile: bool = typer.Option(False, "--profile", help="Also print seconds and passes per attack and ε."),
     seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="An MLflow model to evaluate instead of --run-id "
                                         "(runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS; results go to "
@@ -54,11 +60,13 @@ def evaluate(
     # eps (): the run's own budget, resolved once the run's config is at hand (in the pod for --submit)
     spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)) if eps is not None else (),
                     weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
-                    batch_size=batch_size, device=device, seed=seed)
+                    batch_size=batch_size, device=device, seed=seed, compile=compile, precision=precision)
     if submit:
         return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
-    on_batch, progress = _progress_bar(as_json or os.environ.get("RANK", "0") != "0")
+    quiet = as_json or os.environ.get("RANK", "0") != "0"
+    on_batch, progress = _progress_bar(quiet)
+    on_event = None if quiet else AttackDisplay(progress.bar)  # the live bar, or None: plain lines
     with progress:
         if external:
             from gnr.config import build_config
@@ -66,13 +74,14 @@ def evaluate(
 
             cfg = build_config(preset=preset, overrides=overrides, fields={
                 "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
-            result = evaluate_external(Path(weights), cfg, _with_run_eps(spec, lambda: cfg), on_batch=on_batch)
+            result = evaluate_external(Path(weights), cfg, _with_run_eps(spec, lambda: cfg), on_batch=on_batch,
+                                       on_event=on_event)
         else:
             from gnr.evaluate import evaluate as run_eval
             from gnr.tracking import load_run_config
 
             spec = _with_run_eps(spec, lambda: load_run_config(run_id, tracking_uri))
-            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch)
+            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch, on_event=on_event)
     if not result.is_main:
         return
     if as_json:
@@ -81,6 +90,8 @@ def evaluate(
         from gnr.cli.render import eval_summary
 
         console.print(eval_summary(result))
+        if profile or result.rechecks:
+            console.print(attack_profile(result))
 
 
 def _with_run_eps(spec, run_config):
@@ -106,6 +117,66 @@ def _progress_bar(quiet: bool):
     return on_batch, report
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class AttackDisplay:
+    """Renders the core's plan and per-attack events: a line on the progress bar on a terminal, else
+    plain lines on stderr (one per attack and batch)."""
+
+    def __init__(self, progress=None):
+        self.progress = progress
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from gnr.evaluate import EvalPlan
+
+        if isinstance(event, EvalPlan):
+            least, most = event.projected_s
+            s = event.settings
+            err_console.print(
+                f"eval: {event.images} images on {event.device} (x{event.world}), batch {event.batch_size}, "
+                f"compile {'on' if s.get('compile') else 'off'}, channels-last {'on' if s.get('channels_last') else 'off'}, "
+                f"{s.get('precision', 'fp32')}; projected {_duration(least)} .. {_duration(most)} "
+                "(every image broken by APGD-CE .. every image robust)", highlight=False, soft_wrap=True)
+            return
+        robust = f"robust {event.robust}/{event.done} ({100 * event.robust / max(event.done, 1):.1f}%)"
+        eta = f"ETA {_duration(event.eta_s)}"
+        if self.progress is None:
+            err_console.print(f"{event.measure} {event.attack}: {event.done}/{event.total} images, {robust}, "
+                              f"{_duration(event.elapsed_s)} elapsed, {eta}", highlight=False, soft_wrap=True)
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("attack", total=event.total, speed="", info="")
+        self.progress.update(self.task, description=f"{event.measure} {event.attack}", completed=event.done,
+                             total=event.total, speed=eta, info=robust)
+
+
+def attack_profile(result):
+    """Seconds, passes per attacked image and images still robust, per measure and attack; bf16 re-checks."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="per attack", title_justify="left")
+    for col in ("measure", "attack", "precision", "images", "robust", "seconds", "fwd/img", "bwd/img"):
+        table.add_column(col, justify="left" if col in ("measure", "attack", "precision") else "right")
+    for r in result.attacks:
+        n = max(r["images"], 1)
+        table.add_row(r["measure"], r["attack"], r["precision"], str(r["images"]), str(r["robust"]),
+                      f"{r['seconds']:.1f}", f"{r['forward'] / n:.0f}", f"{r['backward'] / n:.0f}")
+    lines = [table]
+    for measure, c in result.rechecks.items():
+        lines.append(Text(f"{measure}: fp32 re-check of {c['checked']} bf16 verdicts: {c['agreed']} agreed, "
+                          f"{c['disagreed']} re-attacked in fp32, {c['flipped']} changed"))
+    return Group(*lines)
+
+
 def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str], image: Optional[str],
             dry_run: bool) -> None:
     """Install the chart's eval job: the same evaluation under torchrun, one process per GPU."""
@@ -122,8 +193,11 @@ def pod_args(spec) -> list[str]:
     """`gnr eval` options reproducing ``spec`` in the pod (``--limit``: torchrun claims ``--n``)."""
     args = ["--weights", spec.weights, "--attacks", ",".join(spec.attacks),
             *(["--eps", ",".join(f"{e:g}" for e in spec.eps)] if spec.eps else []),  # none: the pod takes the run's
-            "--batch-size", str(spec.batch_size), "--seed", str(spec.seed)]
-    for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n)):
+            "--seed", str(spec.seed), "--precision", spec.precision]
+    if spec.compile is not None:
+        args.append("--compile" if spec.compile else "--no-compile")
+    for flag, value in (("--data", spec.data), ("--split", spec.split), ("--ids", spec.ids), ("--limit", spec.n),
+                        ("--batch-size", spec.batch_size)):
         if value is not None:
             args += [flag, str(value)]
     return args

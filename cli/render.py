@@ -87,6 +87,49 @@ def loader_table(result: dict) -> Table:
     return table
 
 
+def eval_bench_table(result: dict):
+    """`gnr bench eval`: one row per ε and attack, then the projection of the full evaluation."""
+    from rich.console import Group
+    from rich.text import Text
+
+    proj = result["projected_model"]
+    table = Table(title=f"AutoAttack on {result['n']} images of run {result['run_id']} ({result['run_model']['name']}, "
+                        f"{result['clean']} clean-correct) on {result['device']}, {result['precision']}, "
+                        f"compile {'on' if result['compile'] else 'off'}", title_justify="left")
+    for col in ("ε/255", "attack", "images", "robust after", "seconds", "fwd", "bwd", "fwd/img", "bwd/img",
+                *(["projected s"] if proj else [])):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    for e in result["eps"]:
+        for a in e["attacks"]:
+            table.add_row(f"{e['eps_255']:g}", a["attack"] + ("" if a["precision"] == result["precision"] else
+                                                             f" ({a['precision']})"),
+                          str(a["images"]), str(a["robust_after"]), f"{a['seconds']:.1f}", str(a["forward"]),
+                          str(a["backward"]), f"{a['forward_per_image']:.0f}", f"{a['backward_per_image']:.0f}",
+                          *([f"{e['projection']['per_attack_s'].get(a['attack'], 0):.0f}"] if proj else []))
+        table.add_row(f"{e['eps_255']:g}", "total", str(result["n"]), str(e["robust"]), f"{e['seconds']:.1f}",
+                      str(e["forward"]), str(e["backward"]), f"{e['forward'] / result['n']:.0f}",
+                      f"{e['backward'] / result['n']:.0f}",
+                      *([f"{e['projection']['total_s']:.0f}"] if proj else []), style="bold")
+    lines = [table]
+    own = result["run_model"]
+    for e in result["eps"]:
+        lines.append(Text(f"ε={e['eps_255']:g}: measured {e['seconds']:.1f} s; its passes × the run model's pass times "
+                          f"({1e3 * own['forward_s']:.2f} / {1e3 * own['backward_s']:.2f} ms per image) give "
+                          f"{e['own_model_projected_s']:.1f} s (the rest is the attacks' own work)"))
+        if "recheck" in e:
+            r = e["recheck"]
+            lines.append(Text(f"ε={e['eps_255']:g}: fp32 re-check of {r['checked']}: {r['agreed']} agreed, "
+                              f"{r['disagreed']} re-attacked in fp32, {r['flipped']} changed"))
+        if proj:
+            p = e["projection"]
+            lines.append(Text(f"ε={e['eps_255']:g}: projected {proj['images']} images of {proj['name']} at "
+                              f"{proj['img_size']} px on {proj['world']} x {result['device']} (batch "
+                              f"{proj['batch_size']}: {1e3 * proj['forward_s']:.1f} / {1e3 * proj['backward_s']:.1f} "
+                              f"ms per image forward / backward): {p['total_s'] / 60:.1f} min, "
+                              f"{p['s_per_image_one_process']:.3f} s per image per process", style="bold"))
+    return Group(*lines)
+
+
 def eval_summary(result):
     """Accuracy per measure, then the sanity verdict: failed checks are shown in red, one per line."""
     from rich.console import Group

@@ -5,8 +5,12 @@ once (split across ``torchrun`` ranks, results gathered on rank 0), keeps each b
 results on disk so that an interrupted evaluation continues where it stopped, runs the Carlini et
 al. (2019) sanity checks, and logs metrics, tags and a per-image CSV into the same MLflow run.
 
-All attacks run in fp32 (PAPER.md §4 settings): reduced precision can round small input gradients
-to zero and make a model look more robust than it is.
+All attacks run in fp32 by default (PAPER.md §4 settings): reduced precision can round small input
+gradients to zero and make a model look more robust than it is. ``precision="bf16"`` runs
+AutoAttack's iterations in bf16 and re-checks every image in fp32 (:mod:`gnr.autoattack`). The model
+is compiled and channels-last on CUDA, and the batch size follows free GPU memory
+(:mod:`gnr.eval_speed`); before the first batch a projection of the cost is reported, then each
+attack's progress.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from gnr import atomic, distributed, paths
+from gnr import atomic, distributed, eval_speed, paths
+from gnr.autoattack import PRECISIONS, STANDARD as STANDARD_ATTACKS, AttackStats, Recheck, run_autoattack, \
+    upper_bound_passes
 from gnr.config import RunConfig
 from gnr.data.shards import file_sha256
 from gnr.errors import GnrError
@@ -101,9 +107,11 @@ class EvalSpec:
     split: str | None = None
     ids: str | None = None
     n: int | None = None
-    batch_size: int = 100
+    batch_size: int | None = None  # None: from free GPU memory (CUDA), else eval_speed.DEFAULT_BATCH
     device: str = "auto"
     seed: int = 0
+    compile: bool | None = None  # None: on CUDA
+    precision: str = "fp32"  # or bf16: AutoAttack's iterations in bf16, every verdict re-checked in fp32
 
     def measures(self) -> list[Measure]:
         """Requested columns, plus PGD-10 at ε = 64/255 for the large-ε sanity check."""
@@ -210,15 +218,22 @@ def predicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, measure: Measure, seed: int,
-                   aa_log: list[str]) -> torch.Tensor:
-    """Per image: is it classified correctly and does it survive ``measure``'s attack?"""
+                   aa_log: list[str], *, precision: str = "fp32", on_attack=None,
+                   rechecks: list[Recheck] | None = None) -> torch.Tensor:
+    """Per image: is it classified correctly and does it survive ``measure``'s attack?
+
+    AutoAttack reports each attack of its suite to ``on_attack`` and, in bf16, its fp32 re-check to ``rechecks``.
+    """
     from gnr.attacks import pgd
 
     if measure.attack == "clean":
         return predicts(model, x, y)
     eps = measure.eps / 255
     if measure.attack == "autoattack":
-        return autoattack_correct(model, x, y, eps=eps, seed=seed, log=aa_log)
+        result = run_autoattack(model, x, y, eps=eps, seed=seed, log=aa_log, precision=precision, on_attack=on_attack)
+        if result.recheck is not None and rechecks is not None:
+            rechecks.append(result.recheck)
+        return result.flags
     steps = int(measure.attack.removeprefix("pgd"))
     x_adv = pgd(model, x, y, eps=eps, step_size=pgd_step(eps), steps=steps, random_start=True)
     return predicts(model, x, y) & predicts(model, x_adv, y)
@@ -226,34 +241,9 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, measure: 
 
 def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int,
                        log: list[str] | None = None) -> torch.Tensor:
-    """pyautoattack's standard L∞ evaluation of one batch: its own robust flags, unchanged.
-
-    ``y_adv`` holds the clean prediction where no attack succeeded and the adversarial one where an
-    attack did, so ``y_adv == y`` is exactly AutoAttack's robust-accuracy flag per image. Its
-    warnings (randomised / dynamic model, zero gradients, Square beating the white-box attacks) are
-    collected into ``log`` instead of being printed mid-progress-bar.
-    """
-    from pyautoattack import AutoAttack
-
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
-    with _collect_warnings("auto-attack", log if log is not None else []):
-        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
-    return y_adv == y
-
-
-@contextmanager
-def _collect_warnings(logger_name: str, into: list[str]):
-    class Collect(logging.Handler):
-        def emit(self, record):
-            into.append(record.getMessage())
-
-    logger = logging.getLogger(logger_name)
-    handler = Collect(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
+    """pyautoattack's standard L∞ evaluation of one batch in fp32: the robust flags of a single
+    ``run_standard_evaluation`` call, unchanged; its warnings go to ``log``."""
+    return run_autoattack(model, x, y, eps=eps, seed=seed, log=log).flags
 
 
 @contextmanager
@@ -315,6 +305,37 @@ class BatchProgress:
 
 
 @dataclass
+class EvalPlan:
+    """Reported once on rank 0 before the first batch: what will run and what it should cost.
+
+    The projection is (passes per image, from the attacks' settings) × (seconds per forward and
+    backward image of this model at this batch size, timed here). AutoAttack's cost depends on how
+    many images stay robust, so it is a range: every image broken by APGD-CE .. every image robust.
+    """
+
+    images: int  # this rank's share
+    world: int
+    batch_size: int
+    device: str
+    settings: dict  # compile, channels_last, precision
+    pass_seconds: dict[str, float]
+    projected_s: tuple[float, float]  # (least, most), for this rank's share
+
+
+@dataclass
+class AttackProgress:
+    """Reported on rank 0 after each attack of the AutoAttack suite on a batch, and after each other measure."""
+
+    measure: str  # e.g. autoattack/eps4
+    attack: str  # apgd-ce | apgd-t | fab-t | square, or the measure's name
+    done: int  # images of this rank's share through this attack
+    total: int
+    robust: int  # of those, still robust after it
+    elapsed_s: float
+    eta_s: float | None
+
+
+@dataclass
 class EvalResult:
     run_id: str
     weights: str
@@ -328,13 +349,16 @@ class EvalResult:
     metric_prefix: str
     is_main: bool = True
     settings: dict = field(default_factory=dict)
+    attacks: list[dict] = field(default_factory=list)  # per ε and attack: images, robust, seconds, passes
+    rechecks: dict[str, dict] = field(default_factory=dict)  # bf16 only: per measure, the fp32 re-check counts
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "is_main"}
 
 
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
-             on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
+             on_batch: Callable[[BatchProgress], None] | None = None,
+             on_event: Callable[[EvalPlan | AttackProgress], None] | None = None) -> EvalResult:
     """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run. A run left
     RUNNING by a process that is gone is reported and marked FAILED first."""
     from gnr.tracking import fix_stale_run, system_metrics
@@ -347,13 +371,14 @@ def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
         loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
         with system_metrics(run_id, uri, loaded.cfg, dist):
-            return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)
+            return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch, on_event)
     finally:
         distributed.close()
 
 
 def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
-                      on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
+                      on_batch: Callable[[BatchProgress], None] | None = None,
+                      on_event: Callable[[EvalPlan | AttackProgress], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint from elsewhere (timm, RobustBench) with ``cfg``'s model and data, as a new run."""
     from gnr.tracking import NOTE_TAG, RunWriter, create_run, system_metrics
 
@@ -374,7 +399,8 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
         identity = {"run_id": run_id, "weights": file_sha256(path)}
         with system_metrics(run_id, cfg.tracking.uri, cfg, dist):
-            result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
+            result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri,
+                          on_batch, on_event)
         status = "FINISHED"
         return result
     finally:
@@ -391,18 +417,29 @@ class Shard:
     warnings: list[str] = field(default_factory=list)
     batches: int = 0
     resumed: int = 0
+    attacks: list[tuple[str, AttackStats]] = field(default_factory=list)  # (measure, stats) per batch
+    rechecks: list[tuple[str, Recheck]] = field(default_factory=list)
 
 
 def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: EvalSpec,
-         dist: distributed.Dist, uri: str | None, on_batch) -> EvalResult:
+         dist: distributed.Dist, uri: str | None, on_batch, on_event=None) -> EvalResult:
     from gnr.data.loader import with_resolved_source
 
     started = time.perf_counter()
+    if spec.precision not in PRECISIONS:
+        raise GnrError(f"--precision is one of {', '.join(PRECISIONS)} (got '{spec.precision}')")
     cfg = with_resolved_source(cfg, spec.data, dist.is_main)
     split = spec.split or cfg.data.val_split
+    if spec.precision != "fp32":  # bf16 verdicts are kept apart from exact ones
+        identity = {**identity, "precision": spec.precision}
     cache = BatchCache(cache_dir({**identity, "source": cfg.data.source, "split": split, "seed": spec.seed,
                                  "img_size": cfg.data.img_size, "eval_resize": cfg.data.eval_resize}))
-    mine = _evaluate_shard(model, cfg, spec, split, cache, dist, on_batch if dist.is_main else None)
+    model, prepared = eval_speed.prepare_model(model, dist.device, compile=spec.compile)
+    if spec.batch_size is None:
+        spec = replace(spec, batch_size=eval_speed.auto_batch_size(model, cfg.data.img_size, dist.device))
+    main = dist.is_main
+    mine = _evaluate_shard(model, cfg, spec, split, cache, dist, on_batch if main else None,
+                           on_event if main else None, {**prepared, "precision": spec.precision})
     shard = _gather(mine)
     if not shard.rows:
         raise GnrError("no images selected: check --data, --ids and --n")
@@ -416,7 +453,9 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
                         csv_path=str(cache.root / "per_image.csv"), metric_prefix=prefix, is_main=dist.is_main,
                         settings={"data": cfg.data.source, "split": split, "ids": spec.ids, "n": spec.n,
                                   "attacks": list(spec.attacks), "eps_255": list(spec.eps), "seed": spec.seed,
-                                  "world": dist.world})
+                                  "world": dist.world, "batch_size": spec.batch_size, **prepared,
+                                  "precision": spec.precision},
+                        attacks=attack_table(shard.attacks), rechecks=recheck_table(shard.rechecks))
     if dist.is_main:
         write_rows(rows, Path(result.csv_path))
         log_to_run(result, uri)
@@ -424,7 +463,7 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
 
 
 def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str, cache: BatchCache,
-                    dist: distributed.Dist, on_batch) -> Shard:
+                    dist: distributed.Dist, on_batch, on_event=None, settings: dict | None = None) -> Shard:
     """This rank's images, batch by batch: cached results where every measure is on disk, else attacked."""
     measures = spec.measures()
     done = cache.load()
@@ -432,13 +471,16 @@ def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str
     shard = Shard()
     computed_images, computed_s = 0, 0.0
     total = _expected_images(cfg, spec, split, dist.world)
+    tracker = _Tracker(total, on_event)
+    if on_event:
+        on_event(plan(model, cfg, spec, total, dist, settings or {}))
     for x, y, keys in image_batches(cfg, split=split, ids=spec.ids, n=spec.n, batch_size=spec.batch_size,
                                     rank=dist.rank, world=dist.world):
         shard.batches += 1
         todo = [m for m in measures if any(m.name not in done.get(k, {}) for k in keys)]
         if todo:
             t0 = time.perf_counter()
-            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec.seed, shard.warnings)
+            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec, shard, tracker)
             cache.write(rows)
             for row in rows:
                 done.setdefault(row["id"], {}).update(row)
@@ -448,10 +490,82 @@ def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str
             shard.resumed += 1
         for k in keys:
             shard.rows[k] = {"id": k, "label": done[k]["label"], **{m.name: done[k][m.name] for m in measures}}
+        tracker.batch_done(len(keys), computed=bool(todo), robust={m.name: sum(shard.rows[k][m.name] for k in keys)
+                                                                   for m in measures})
         if on_batch:
             on_batch(BatchProgress(len(shard.rows), total, computed_images / computed_s if computed_s else 0.0,
                                    _accuracy(shard.rows.values(), measures), resumed=not todo))
     return shard
+
+
+def plan(model: nn.Module, cfg: RunConfig, spec: EvalSpec, images: int, dist: distributed.Dist,
+         settings: dict) -> EvalPlan:
+    """Time a batch's forward and backward (the real batch on CUDA, at most 8 images elsewhere, where time
+    per image hardly depends on the batch), then project this rank's cost (see :class:`EvalPlan`)."""
+    probe = min(spec.batch_size, images) if dist.device.type == "cuda" else min(spec.batch_size, images, 8)
+    cost = eval_speed.pass_seconds(model, cfg.data.img_size, probe, dist.device, reps=1)
+    least, most = 0.0, 0.0
+    for m in spec.measures():
+        low, high = measure_passes(m, cfg.data.num_classes)
+        least += sum(eval_speed.project_seconds(low, images, cost).values())
+        most += sum(eval_speed.project_seconds(high, images, cost).values())
+    return EvalPlan(images=images, world=dist.world, batch_size=spec.batch_size, device=str(dist.device),
+                    settings=settings, pass_seconds=cost, projected_s=(least, most))
+
+
+def measure_passes(measure: Measure, num_classes: int) -> tuple[dict, dict]:
+    """(forward, backward) passes per image of one measure, least and most: AutoAttack costs least when
+    APGD-CE breaks every image and most when every image stays robust."""
+    if measure.attack == "clean":
+        one = {"clean": (1, 0)}
+        return one, one
+    if measure.attack == "autoattack":
+        most = upper_bound_passes(num_classes)
+        return {"apgd-ce": most["apgd-ce"]}, most
+    steps = int(measure.attack.removeprefix("pgd"))
+    one = {measure.name: (steps + 2, steps)}  # clean and final predictions, one gradient per step
+    return one, one
+
+
+def _work(passes: dict[str, tuple[int, int]]) -> int:
+    """Forward-pass equivalents (a backward costs about two forwards)."""
+    return sum(f + 2 * b for f, b in passes.values())
+
+
+class _Tracker:
+    """Turns finished attacks into :class:`AttackProgress` events: images through each attack so far,
+    how many stayed robust, and an ETA from the seconds per computed image."""
+
+    def __init__(self, total: int, on_event):
+        self.total, self.on_event = total, on_event
+        self.started = time.perf_counter()
+        self.done: dict[str, int] = {}  # measure -> images of finished batches
+        self.robust: dict[str, int] = {}
+        self.images, self.computed, self.computed_s = 0, 0, 0.0
+        self.batch_started = self.started
+
+    def report(self, measure: str, attack: str, batch_images: int, robust: int, fraction: float) -> None:
+        """``fraction`` of the current batch's work is done; ``robust`` of its images survive ``attack``."""
+        if not self.on_event:
+            return
+        now = time.perf_counter()
+        work = self.computed + fraction * batch_images
+        spent = self.computed_s + now - self.batch_started
+        left = self.total - self.images - fraction * batch_images
+        self.on_event(AttackProgress(measure, attack, self.done.get(measure, 0) + batch_images, self.total,
+                                     self.robust.get(measure, 0) + robust, now - self.started,
+                                     spent / work * max(left, 0) if work else None))
+
+    def batch_done(self, images: int, *, computed: bool, robust: dict[str, int]) -> None:
+        now = time.perf_counter()
+        self.images += images
+        if computed:
+            self.computed += images
+            self.computed_s += now - self.batch_started
+        for name, count in robust.items():
+            self.done[name] = self.done.get(name, 0) + images
+            self.robust[name] = self.robust.get(name, 0) + count
+        self.batch_started = now
 
 
 def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> int:
@@ -463,15 +577,52 @@ def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> 
     return -(-min(chosen, available) // world)
 
 
-def _attack_batch(model, x, y, keys, measures, seed, aa_log) -> list[dict]:
-    batch_seed = (seed * 1_000_003 + zlib.crc32("\n".join(keys).encode())) % 2**63
+def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tracker: _Tracker) -> list[dict]:
+    batch_seed = (spec.seed * 1_000_003 + zlib.crc32("\n".join(keys).encode())) % 2**63
     columns = {}
-    for m in measures:
+    costs = [_work(measure_passes(m, 1000)[1]) for m in measures]  # ETA weights: the worst case of each
+    for i, m in enumerate(measures):
+        def on_attack(stats: AttackStats, m=m, i=i) -> None:
+            shard.attacks.append((m.name, stats))
+            if stats.precision != "fp32" or spec.precision == "fp32":  # not a bf16 disagreement's re-attack
+                most = measure_passes(m, 1000)[1]
+                upto = _work({a: most[a] for a in STANDARD_ATTACKS[:STANDARD_ATTACKS.index(stats.attack) + 1]})
+                tracker.report(m.name, stats.attack, len(keys), stats.robust,
+                               (sum(costs[:i]) + upto) / sum(costs))
+
+        rechecks: list[Recheck] = []
         with seeded(batch_seed, x.device):
-            columns[m.name] = robust_correct(model, x, y, m, seed, aa_log).tolist()
+            flags = robust_correct(model, x, y, m, spec.seed, shard.warnings, precision=spec.precision,
+                                   on_attack=on_attack, rechecks=rechecks)
+        shard.rechecks += [(m.name, r) for r in rechecks]
+        columns[m.name] = flags.tolist()
+        if m.attack != "autoattack":
+            tracker.report(m.name, m.name, len(keys), int(flags.sum()), sum(costs[:i + 1]) / sum(costs))
     labels = y.tolist()
     return [{"id": k, "label": labels[i], **{name: bool(c[i]) for name, c in columns.items()}}
             for i, k in enumerate(keys)]
+
+
+def attack_table(entries: Iterable[tuple[str, AttackStats]]) -> list[dict]:
+    """Per measure and attack, summed over batches (and ranks): images attacked, still robust, seconds, passes."""
+    table: dict[tuple[str, str, str], dict] = {}
+    for measure, s in entries:
+        row = table.setdefault((measure, s.attack, s.precision), {
+            "measure": measure, "attack": s.attack, "precision": s.precision, "eps_255": s.eps,
+            "images": 0, "robust": 0, "seconds": 0.0, "forward": 0, "backward": 0})
+        for key in ("images", "robust", "seconds", "forward", "backward"):
+            row[key] += getattr(s, key)
+    return list(table.values())
+
+
+def recheck_table(entries: Iterable[tuple[str, Recheck]]) -> dict[str, dict]:
+    """Per measure, the bf16 runs' fp32 re-check counts summed over batches (and ranks)."""
+    out: dict[str, dict] = {}
+    for measure, r in entries:
+        row = out.setdefault(measure, {"checked": 0, "agreed": 0, "disagreed": 0, "flipped": 0})
+        for key in row:
+            row[key] += getattr(r, key)
+    return out
 
 
 def _gather(mine: Shard) -> Shard:
@@ -485,6 +636,8 @@ def _gather(mine: Shard) -> Shard:
         out.warnings += part.warnings
         out.batches += part.batches
         out.resumed += part.resumed
+        out.attacks += part.attacks
+        out.rechecks += part.rechecks
     return out
 
 

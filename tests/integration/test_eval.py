@@ -56,6 +56,24 @@ def test_eval_logs_into_the_same_run(evaluated):
     assert summary_json["accuracy"] == summary["accuracy"]
 
 
+def test_summary_profiles_each_autoattack_attack(evaluated):
+    """Per attack: the images it attacked are those the previous one left robust, and the last robust count
+    is AutoAttack's accuracy."""
+    rows = [r for r in evaluated["eval"]["attacks"] if r["measure"] == "autoattack/eps4"]
+    assert [r["attack"] for r in rows] == ["apgd-ce", "apgd-t", "fab-t", "square"][:len(rows)]
+    assert rows[0]["images"] == N and all(r["precision"] == "fp32" for r in rows)
+    assert [r["images"] for r in rows[1:]] == [r["robust"] for r in rows[:-1]]
+    assert rows[-1]["robust"] / N == pytest.approx(evaluated["eval"]["accuracy"]["autoattack/eps4"])
+    from gnr.autoattack import upper_bound_passes
+
+    bound = upper_bound_passes(10)
+    for r in rows[1:]:  # every image these attacked was correct; one that no attack breaks costs the bound
+        if r["robust"] == r["images"]:
+            assert (r["forward"], r["backward"]) == tuple(r["images"] * p for p in bound[r["attack"]]), r
+        assert r["forward"] > 0 and r["seconds"] > 0
+    assert evaluated["eval"]["rechecks"] == {}
+
+
 def test_autoattack_equals_a_direct_pyautoattack_call(evaluated, tmp_path, monkeypatch):
     """Same weights (downloaded independently), same images, same seed: same per-image verdicts."""
     from pyautoattack import AutoAttack
@@ -211,3 +229,36 @@ def test_submit_dry_run_hands_the_same_evaluation_to_the_pod(helm):  # noqa: F81
     options = dict(zip(args[2::2], args[3::2]))
     assert options["--attacks"] == "clean,autoattack" and options["--eps"] == "1,4"
     assert options["--ids"] == "robustbench" and options["--limit"] == "50"  # torchrun would claim --n
+
+
+def test_plain_progress_projects_the_cost_then_reports_each_attack(demo_run, gnr_home):
+    """Not on a terminal: plain lines on stderr, the projection first. At 64/255 APGD-CE breaks every image.
+    Last in this file: it logs eval-raw/* into the shared run, replacing what earlier tests read."""
+    proc = run_gnr("eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", 3,
+                   "--attacks", "clean,autoattack", "--eps", "64", "--weights", "raw", "--profile", check=True)
+    lines = proc.stderr.splitlines()
+    plan = next(i for i, line in enumerate(lines) if "projected" in line)
+    assert "3 images on cpu" in lines[plan]
+    attack = next(i for i, line in enumerate(lines) if line.startswith("autoattack/eps64 apgd-ce: 3/3 images, robust 0/3"))
+    assert plan < attack and "ETA" in lines[attack]
+    assert "apgd-ce" in proc.stdout and "fwd/img" in proc.stdout  # --profile's table
+
+
+def test_bench_eval_pass_counts_add_up(demo_run, gnr_home):
+    proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
+                   "--n", 3, "--eps", "64", "--model", "test_convnext", "--img-size", 32, "--batch-size", 3, "--json",
+                   check=True)
+    result = json.loads(proc.stdout)
+    (entry,) = result["eps"]
+    attacks = entry["attacks"]
+    assert attacks[0]["attack"] == "apgd-ce" and attacks[0]["images"] == 3
+    assert entry["forward"] == sum(a["forward"] for a in attacks) > 0
+    assert entry["backward"] == sum(a["backward"] for a in attacks) > 0
+    assert entry["robust"] == attacks[-1]["robust_after"]
+    for a in attacks:
+        assert a["forward_per_image"] == pytest.approx(a["forward"] / 3)
+    projection = entry["projection"]
+    assert projection["total_s"] == pytest.approx(sum(projection["per_attack_s"].values()), abs=0.5)
+    proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
+                   "--n", 3, "--eps", "64", "--no-project", check=True)
+    assert "apgd-ce" in proc.stdout and "total" in proc.stdout  # the table, by default
