@@ -1,0 +1,129 @@
+"""The explicit double-backward layers give today's exact gradnorm: loss and every parameter gradient."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from torch import nn
+
+from gnr.config import ModelConfig, ObjectiveConfig
+from gnr.doublegrad import fast_layer_counts, use_fast_double_backward
+from gnr.doublegrad.gelu import FastGELU, gelu_double_backward
+from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
+from gnr.models import build_model
+from gnr.objectives import build_objective
+
+CLASSES, IMG, BATCH = 10, 32, 4
+TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
+MODELS = {  # name -> (config, img size, expected replacement counts)
+    "vit": (ModelConfig(name="test_vit"), IMG, {"GELU": 6, "LayerNorm": 13}),  # 6 blocks
+    "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
+             {"GELU": 2, "LayerNorm": 7}),
+    "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
+    "resnet18-gelu": (ModelConfig(name="resnet18", act="gelu"), IMG, {"BatchNorm2d": 20, "GELU": 17}),
+}
+# fp64 throughout: the two paths differ only by rounding, far below these tolerances.
+TOL = dict(rtol=1e-7, atol=1e-12)
+
+
+def model_pair(cfg: ModelConfig, img: int) -> tuple[nn.Module, nn.Module]:
+    """(reference: autograd's own double backward, fast layers), same weights, in fp64."""
+    reference, _ = build_model(cfg.model_copy(update={"fast_double_backward": False}), CLASSES, img)
+    fast, _ = build_model(cfg, CLASSES, img)
+    fast.load_state_dict(reference.state_dict())
+    return reference.double(), fast.double()
+
+
+def mixup_batch(img: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=CLASSES)
+    x, y = mix(torch.rand(BATCH, 3, img, img), torch.randint(0, CLASSES, (BATCH,)))
+    return x.double(), y.double()
+
+
+def gradnorm_step(model: nn.Module, run: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One gradnorm loss and backward through ``run`` (``model`` or its DDP wrapper)."""
+    torch.manual_seed(2)  # the same stochastic-depth masks for both paths (timm's Swin default: 0.1)
+    loss, parts = build_objective(ObjectiveConfig(method="gradnorm"))(run, x, y, 9.0)
+    loss.backward()
+    return torch.stack([loss.detach(), parts["grad_l1"]]), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_step(reference: nn.Module, fast: nn.Module, run_fast: nn.Module, x, y) -> None:
+    expected_loss, expected = gradnorm_step(reference, reference, x, y)
+    loss, grads = gradnorm_step(fast, run_fast, x, y)
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], **TOL, msg=lambda m: f"{name}: {m}")
+    for (name, buf), ref_buf in zip(fast.named_buffers(), reference.buffers()):  # BN running statistics
+        torch.testing.assert_close(buf, ref_buf, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("arch", MODELS)
+def test_gradnorm_loss_and_every_gradient_equal_the_reference(arch, train):
+    cfg, img, counts = MODELS[arch]
+    reference, fast = model_pair(cfg, img)
+    assert fast_layer_counts(fast) == counts and fast_layer_counts(reference) == {}
+    reference.train(train), fast.train(train)
+    x, y = mixup_batch(img)
+    assert_same_step(reference, fast, fast, x, y)
+
+
+def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
+    cfg, img, _ = MODELS["resnet18-gelu"]
+    reference, fast = model_pair(cfg, img)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(fast.train())
+        assert_same_step(reference.train(), fast, ddp, *mixup_batch(img))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_swapped_state_dict_loads_into_plain_timm_and_gives_the_same_logits():
+    cfg, img, _ = MODELS["convnext"]
+    fast, _ = build_model(cfg, CLASSES, img)
+    plain = timm.create_model(cfg.name, num_classes=CLASSES)
+    plain.load_state_dict(fast.inner.state_dict(), strict=True)
+    x = torch.rand(2, 3, img, img)
+    torch.testing.assert_close(fast.eval()(x), plain.eval()((x - fast.mean) / fast.std), rtol=1e-5, atol=1e-6)
+
+
+def test_swap_shares_parameters_and_leaves_unsupported_layers_alone():
+    ln, bn = nn.LayerNorm(6), nn.BatchNorm2d(3, momentum=None)
+    unsupported = [nn.LayerNorm(6, elementwise_affine=False), nn.BatchNorm2d(3, affine=False), nn.GroupNorm(1, 3),
+                   nn.LayerNorm((2, 3)), nn.SiLU(), timm.layers.activations.QuickGELU()]
+    model = nn.Sequential(ln, bn, timm.layers.LayerNorm2d(3), timm.layers.activations.GELUTanh(), *unsupported)
+    counts = use_fast_double_backward(model)
+    assert counts == {"BatchNorm2d": 1, "GELU": 1, "LayerNorm": 1, "LayerNorm2d": 1}
+    assert [type(m) for m in model[:4]] == [FastLayerNorm, FastBatchNorm2d, FastLayerNorm2d, FastGELU]
+    assert model[0].weight is ln.weight and model[1].running_var is bn.running_var and model[1].momentum is None
+    assert model[3].approximate == "tanh"
+    assert list(model[4:]) == unsupported
+
+
+def test_batchnorm_running_statistics_follow_torch():
+    for momentum in (0.1, None):
+        reference = nn.BatchNorm2d(3, momentum=momentum)
+        fast = nn.Sequential(copy.deepcopy(reference))
+        use_fast_double_backward(fast)
+        for _ in range(3):
+            x = torch.randn(4, 3, 5, 5) * 2 + 1
+            torch.testing.assert_close(fast(x), reference(x))
+        torch.testing.assert_close(fast.state_dict(), {f"0.{k}": v for k, v in reference.state_dict().items()})
+        fast.eval(), reference.eval()
+        torch.testing.assert_close(fast(x), reference(x))
+
+
+def test_compiled_level_equals_its_eager_cpu_twin():
+    """What runs on CUDA is torch.compile of the same function; inductor compiles it on CPU too."""
+    torch.manual_seed(0)
+    a, g, x = torch.randn(3, 8, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 8)
+    compiled = torch.compile(gelu_double_backward.eager)
+    for got, want in zip(compiled(a, g, x, "tanh"), gelu_double_backward(a, g, x, "tanh")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
