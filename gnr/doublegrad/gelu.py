@@ -1,4 +1,8 @@
-"""GELU whose backward and double backward are explicit, fused levels (erf and tanh forms)."""
+"""GELU (erf and tanh forms) with an explicit, first-order double backward.
+
+Levels 0 and 1 are torch's own fused ``gelu`` / ``gelu_backward``; level 1 is a custom Function
+whose backward, level 2, is :func:`gelu_double_backward`: ``∂/∂g = a·gelu'(x)``, ``∂/∂x = a·g·gelu''(x)``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ _C = 0.044715
 
 
 def _derivatives(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """gelu'(x) and gelu''(x) in x's dtype (fp32 here)."""
+    """gelu'(x) and gelu''(x)."""
     if approximate == "tanh":
         inner_d = _K * (1 + 3 * _C * x * x)
         t = torch.tanh(_K * (x + _C * x * x * x))
@@ -33,40 +37,28 @@ def _derivatives(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch
 
 
 @fused
-def gelu_forward(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    return F.gelu(opmath(x), approximate=approximate).to(x.dtype)
-
-
-@fused
-def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
-    d1, _ = _derivatives(opmath(x), approximate)
-    return (opmath(g) * d1).to(x.dtype)
-
-
-@fused
 def gelu_double_backward(a: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
                          approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cotangent ``a`` of ``dx = g·gelu'(x)`` -> (its gradient w.r.t. g, w.r.t. x)."""
+    """Cotangent ``a`` of ``dx = g·gelu'(x)`` -> its gradients w.r.t. (g, x), in fp32, cast back once."""
     d1, d2 = _derivatives(opmath(x), approximate)
     am = opmath(a)
     return (am * d1).to(g.dtype), (am * opmath(g) * d2).to(x.dtype)
 
 
 class _GeluBackward(Function):
-    """Level 1: ``dx = g·gelu'(x)``; its own backward is hand-derived (level 2)."""
+    """Level 1: torch's ``gelu_backward``; its own backward is the hand-derived level 2."""
 
     @staticmethod
     def forward(ctx, g, x, approximate):
         ctx.save_for_backward(g, x)
         ctx.approximate = approximate
-        return gelu_backward(g, x, approximate)
+        return torch.ops.aten.gelu_backward(g, x, approximate=approximate)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a):
         g, x = ctx.saved_tensors
-        grad_g, grad_x = gelu_double_backward(a, g, x, ctx.approximate)
-        return grad_g, grad_x, None
+        return *gelu_double_backward(a, g, x, ctx.approximate), None
 
 
 class _Gelu(Function):
@@ -74,7 +66,7 @@ class _Gelu(Function):
     def forward(ctx, x, approximate):
         ctx.save_for_backward(x)
         ctx.approximate = approximate
-        return gelu_forward(x, approximate)
+        return F.gelu(x, approximate=approximate)
 
     @staticmethod
     def backward(ctx, g):
@@ -83,7 +75,7 @@ class _Gelu(Function):
 
 
 class FastGELU(nn.GELU):
-    """``nn.GELU`` (same ``approximate``) with explicit first-order backward levels."""
+    """``nn.GELU`` (same ``approximate``) with an explicit, first-order double backward."""
 
     kind = "GELU"
 

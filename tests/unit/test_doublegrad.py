@@ -12,7 +12,7 @@ from torch import nn
 from gnr.config import ModelConfig, ObjectiveConfig
 from gnr.doublegrad import fast_layer_counts, use_fast_double_backward
 from gnr.doublegrad.gelu import FastGELU, gelu_double_backward
-from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
+from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
 from gnr.models import build_model
 from gnr.objectives import build_objective
 
@@ -120,10 +120,14 @@ def test_batchnorm_running_statistics_follow_torch():
         torch.testing.assert_close(fast(x), reference(x))
 
 
-def test_compiled_level_equals_its_eager_cpu_twin():
-    """What runs on CUDA is torch.compile of the same function; inductor compiles it on CPU too."""
+def test_compiled_levels_equal_their_eager_cpu_twins():
+    """What runs on CUDA is torch.compile of the same functions; inductor compiles them on CPU too."""
     torch.manual_seed(0)
-    a, g, x = torch.randn(3, 8, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 8)
-    compiled = torch.compile(gelu_double_backward.eager)
-    for got, want in zip(compiled(a, g, x, "tanh"), gelu_double_backward(a, g, x, "tanh")):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    a, g, x = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    w, p, q = (torch.randn(1, 3, 1, 1) for _ in range(3))
+    mean, rstd = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True).add(1e-5).rsqrt()
+    cases = [(gelu_double_backward, (a, g, x, "tanh")),
+             (norm_double_backward, (a, p, q, g, x, w, mean, rstd, (0, 2, 3), True))]
+    for level, args in cases:
+        for got, want in zip(torch.compile(level.eager)(*args), level(*args)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
