@@ -43,35 +43,47 @@ class Norm:
         return (-1,) if self.kind == "layer" else (0, 2, 3)
 
 
-def _project(v: torch.Tensor, xhat: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    return v - v.mean(dims, keepdim=True) - xhat * (v * xhat).mean(dims, keepdim=True)
+def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
 
 
 @fused
 def norm_double_backward(a, p, q, g, x, w, mean, rstd, dims: tuple[int, ...], batch_stats: bool):
     """Cotangents of (dx, dw, db), each None when unused -> gradients w.r.t. (g, x, w).
 
-    ``w``, ``mean`` and ``rstd`` broadcast against ``x``; ``p``/``q`` against ``w``. Everything in fp32
-    (fp64 stays fp64), cast back once at the end.
+    ``w``, ``mean`` and ``rstd`` broadcast against ``x``; ``p``/``q`` against ``w``. One reduction
+    pass (the means below) and one elementwise pass; fp32 arithmetic (fp64 stays), cast back once.
     """
     xm, gm, wm = opmath(x), opmath(g), opmath(w)
     xhat = (xm - mean) * rstd
-    project = (lambda v: _project(v, xhat, dims)) if batch_stats else (lambda v: v)
-    grad_g, v, grad_w, through_r = torch.zeros_like(gm), torch.zeros_like(gm), torch.zeros_like(wm), 0.0
+
+    def avg(t):
+        return t.mean(dims, keepdim=True)
+
+    grad_g = grad_x = grad_w = None
     if a is not None:
-        am, gw = opmath(a), gm * wm
-        pa = rstd * project(am)
-        grad_g = grad_g + wm * pa
-        grad_w = grad_w + (gm * pa).sum_to_size(wm.shape)
+        am = opmath(a)
         if batch_stats:
-            v = v - rstd * (gw * (am * xhat).mean(dims, keepdim=True) + am * (gw * xhat).mean(dims, keepdim=True))
-            through_r = xhat * (am * rstd * project(gw)).mean(dims, keepdim=True)
+            gw = gm * wm
+            a_avg, a_xhat, gw_avg, gw_xhat = avg(am), avg(am * xhat), avg(gw), avg(gw * xhat)
+            pa = rstd * (am - a_avg - xhat * a_xhat)  # r·P(a)
+            a_dx = rstd * (avg(am * gw) - a_avg * gw_avg - a_xhat * gw_xhat)  # ⟨a·dx⟩
+            # r·(v − ⟨v⟩ − x̂(⟨v·x̂⟩ + ⟨a·dx⟩)) for v = −r(g·w⟨a·x̂⟩ + a⟨g·w·x̂⟩), written out
+            grad_x = (rstd * rstd * (gw_avg * a_xhat + a_avg * gw_xhat - gw * a_xhat - am * gw_xhat)
+                      - rstd * xhat * (a_dx - 2 * rstd * a_xhat * gw_xhat))
+        else:
+            pa = rstd * am
+        grad_g = wm * pa
+        grad_w = (gm * pa).sum_to_size(wm.shape)
     if p is not None:
-        grad_g = grad_g + p * xhat
-        v = v + p * gm
+        pg = p * gm
+        grad_g = _plus(grad_g, p * xhat)
+        grad_x = _plus(grad_x, rstd * (pg - avg(pg) - xhat * avg(pg * xhat) if batch_stats else pg))
     if q is not None:
-        grad_g = grad_g + q
-    grad_x = rstd * (project(v) - through_r)
+        grad_g = _plus(grad_g, q.expand_as(gm))
+    grad_g = torch.zeros_like(gm) if grad_g is None else grad_g
+    grad_x = torch.zeros_like(xm) if grad_x is None else grad_x
+    grad_w = torch.zeros_like(wm) if grad_w is None else grad_w
     return grad_g.to(g.dtype), grad_x.to(x.dtype), grad_w.to(w.dtype)
 
 
