@@ -74,6 +74,26 @@ def test_gradnorm_loss_and_every_gradient_equal_the_reference(arch, train):
     assert_same_step(reference, fast, fast, x, y)
 
 
+@pytest.mark.parametrize("arch", ["convnext", "resnet18-gelu"])
+def test_under_bf16_autocast_fast_layers_are_as_accurate_as_the_reference(arch):
+    """Against the fp32 step, the fast path's bf16 loss and gradients err no more than today's."""
+    cfg, img, _ = MODELS[arch]
+    reference, fast = (m.float() for m in model_pair(cfg, img))
+    x, y = (t.float() for t in mixup_batch(img))
+    truth_loss, truth = gradnorm_step(reference, reference, x, y)
+
+    def bf16_error(model):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = gradnorm_step(model, model, x, y)
+        assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads.values())
+        worst = max(((g - truth[n]).norm() / truth[n].norm()).item() for n, g in grads.items() if truth[n].norm() > 0)
+        return (loss[0] / truth_loss[0] - 1).abs().item(), worst
+
+    (ref_loss, ref_grad), (fast_loss, fast_grad) = bf16_error(reference), bf16_error(fast)
+    assert fast_loss <= 1.1 * ref_loss + 1e-4 and fast_grad <= 1.1 * ref_grad + 1e-3
+
+
 def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
     cfg, img, _ = MODELS["resnet18-gelu"]
     reference, fast = model_pair(cfg, img)
