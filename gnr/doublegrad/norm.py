@@ -1,8 +1,9 @@
 """LayerNorm, timm LayerNorm2d and BatchNorm2d with an explicit, first-order double backward.
 
 Level 0 (forward) and level 1 (backward) are torch's own fused kernels (``native_layer_norm``,
-``native_batch_norm`` and their backward ops), called on the input's dtype with autocast out of the
-way, so no cast is recorded. Level 1 is a custom Function whose backward, level 2, is
+``native_batch_norm`` and their backward ops), called directly on the input's dtype: autocast casts
+only the ops it lists (``layer_norm``, not ``native_layer_norm``), so no cast is recorded to be
+replayed in the double backward. Level 1 is a custom Function whose backward, level 2, is
 :func:`norm_double_backward`, derived here by hand (autograd's generic double-backward formulas are
 the memory-bound part of exact gradnorm).
 
@@ -87,7 +88,7 @@ def norm_double_backward(a, p, q, g, x, w, mean, rstd, dims: tuple[int, ...], ba
     return grad_g.to(g.dtype), grad_x.to(x.dtype), grad_w.to(w.dtype)
 
 
-def _stats_and_weight(norm: Norm, x, w, running_mean, running_var, mean, rstd):
+def _stats_and_weight(norm: Norm, w, running_mean, running_var, mean, rstd):
     """(w, μ, r) shaped to broadcast against x, as level 2 takes them."""
     if norm.kind == "layer":
         return w, mean, rstd
@@ -117,7 +118,7 @@ class _NormBackward(Function):
             return none
         g, x, w, running_mean, running_var, mean, rstd = ctx.saved_tensors
         norm = ctx.norm
-        wb, mean, rstd = _stats_and_weight(norm, x, w, running_mean, running_var, mean, rstd)
+        wb, mean, rstd = _stats_and_weight(norm, w, running_mean, running_var, mean, rstd)
         if norm.kind == "batch":
             p, q = (None if t is None else t.view(1, -1, 1, 1) for t in (p, q))
         grad_g, grad_x, grad_w = norm_double_backward(a, p, q, g, x, wb, mean, rstd, norm.dims, norm.batch_stats)
