@@ -33,6 +33,7 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
  && rm /tmp/requirements.txt
 COPY gnr ./gnr
 COPY cli ./cli
+COPY charts/gnr ./charts/gnr
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 # uid 1000 (the chart's runAsUser); a base image may already have one (e.g. ubuntu), which gives way.
 RUN if getent passwd 1000 >/dev/null; then userdel --remove "$(getent passwd 1000 | cut -d: -f1)"; fi \

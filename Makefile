@@ -4,10 +4,11 @@ BIN := $(VENV)/bin
 
 .PHONY: install test test-unit image image-mlflow clean
 
-install:  ## create .venv and install gnr (editable) with dev extras
+install:  ## create .venv, install gnr (editable) with dev extras, and the pinned helm 3 into .venv/bin
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python tools/helm_binary.py $(BIN) helm
 
 test:  ## the whole suite (unit + integration)
 	$(BIN)/pytest -q

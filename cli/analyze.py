@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, print_json
+from gnr.cli.common import console, print_json
 
 app = typer.Typer(help="Robust-accuracy curves, input-gradient statistics and figures for trained runs.",
                   no_args_is_help=True)
@@ -41,7 +41,7 @@ def curve(
                            weights=weights, uri=tracking_uri, device=device, out=out)
     if as_json:
         return print_json(result)
-    from cli.render import key_values
+    from gnr.cli.render import key_values
 
     for info in result["runs"].values():
         acc = dict(zip(result["eps_255"], info["accuracy"]))
@@ -69,7 +69,7 @@ def gradients(
                                weights=weights, uri=tracking_uri, device=device, out=out)
     if as_json:
         return print_json(result)
-    from cli.render import gradient_table
+    from gnr.cli.render import gradient_table
 
     console.print(gradient_table(result))
     console.print("\n".join(f for stats in result.values() for f in stats["files"]))

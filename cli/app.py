@@ -4,8 +4,8 @@ import sys
 
 import typer
 
-from cli import analyze, bench, data, evaluate, jobs, report, submit, train, ui
-from cli.common import err_console
+from gnr.cli import analyze, bench, data, evaluate, jobs, report, submit, train, ui
+from gnr.cli.common import err_console
 
 app = typer.Typer(
     name="gnr",

@@ -2,7 +2,7 @@
 
 import typer
 
-from cli.common import parse_csv, print_json
+from gnr.cli.common import parse_csv, print_json
 
 app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step.", no_args_is_help=True)
 
@@ -42,7 +42,7 @@ def step(
     if as_json:
         print_json(result)
     else:
-        from cli.render import bench_table
-        from cli.common import console
+        from gnr.cli.render import bench_table
+        from gnr.cli.common import console
 
         console.print(bench_table(result))

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console
+from gnr.cli.common import console
 
 app = typer.Typer(help="Write WebDataset shards: an ImageNet folder tree, or the bundled digits demo.",
                   no_args_is_help=True)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import SET_HELP, console, err_console, parse_csv, print_json
+from gnr.cli.common import SET_HELP, console, err_console, parse_csv, print_json
 
 
 def evaluate(
@@ -67,7 +67,7 @@ def evaluate(
     if as_json:
         print_json(result.summary())
     else:
-        from cli.render import eval_summary
+        from gnr.cli.render import eval_summary
 
         console.print(eval_summary(result))
 
@@ -95,7 +95,7 @@ def _progress_bar(quiet: bool):
 def _submit(run_id: Optional[str], spec, *, gpus: int, namespace: Optional[str], image: Optional[str],
             dry_run: bool) -> None:
     """Install the chart's eval job: the same evaluation under torchrun, one process per GPU."""
-    from cli.submit import show, submit_eval
+    from gnr.cli.submit import show, submit_eval
     from gnr.errors import GnrError
 
     if not run_id or spec.weights == "file":

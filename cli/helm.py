@@ -6,32 +6,43 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from gnr.errors import GnrError
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "gnr"
+# A wheel ships the chart as package data beside this module; a checkout (editable install) has it at
+# charts/gnr beside `cli/`.
+CHART_CANDIDATES = (Path(__file__).resolve().parent / "chart", Path(__file__).resolve().parents[1] / "charts" / "gnr")
 RELEASE_NAME_MAX = 53  # helm's limit
 
 
 def binary() -> str:
-    """`$GNR_HELM`, else `helm` on PATH."""
+    """`$GNR_HELM`, else the helm `make install` puts beside gnr's Python (the venv's bin/), else PATH's."""
     configured = os.environ.get("GNR_HELM")
-    path = configured or shutil.which("helm")
-    if not path or not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        where = f"GNR_HELM={configured} is not an executable" if configured else "helm not found on PATH"
-        raise GnrError(f"{where}: install Helm 3 (https://helm.sh/docs/intro/install/) or set GNR_HELM to its path")
+    beside = Path(sys.executable).parent / "helm"  # not resolved: a venv's python is a symlink
+    path = configured or (str(beside) if _executable(beside) else shutil.which("helm"))
+    if not path or not _executable(path):
+        where = f"GNR_HELM={configured} is not an executable" if configured else "helm not found in the venv or on PATH"
+        raise GnrError(f"{where}: run `make install` (it puts helm into .venv/bin), install Helm 3 "
+                       "(https://helm.sh/docs/intro/install/), or set GNR_HELM to its path")
     return path
+
+
+def _executable(path: str | Path) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def chart() -> Path:
-    """`$GNR_CHART`, else the chart beside this checkout's `cli/`."""
-    path = Path(os.environ.get("GNR_CHART", CHART))
-    if not (path / "Chart.yaml").is_file():
-        raise GnrError(f"no Helm chart at {path}: set GNR_CHART to the charts/gnr directory of a gnr checkout")
-    return path
+    """`$GNR_CHART`, else the chart installed with gnr (a wheel's package data, or a checkout's charts/gnr)."""
+    configured = os.environ.get("GNR_CHART")
+    candidates = [Path(configured)] if configured else CHART_CANDIDATES
+    for path in candidates:
+        if (path / "Chart.yaml").is_file():
+            return path
+    raise GnrError(f"no Helm chart at {candidates[0]}: set GNR_CHART to the charts/gnr directory of a gnr checkout")
 
 
 def release_name(task: str, run_id: str) -> str:

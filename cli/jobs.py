@@ -5,8 +5,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, print_json
-from cli.kube import DEFAULT_NAMESPACE
+from gnr.cli.common import console, print_json
+from gnr.cli.kube import DEFAULT_NAMESPACE
 
 app = typer.Typer(no_args_is_help=True, help="Follow and control gnr jobs on Kubernetes, by MLflow run id.")
 
@@ -21,7 +21,7 @@ def list_jobs(namespace: str = NAMESPACE, as_json: bool = JSON) -> None:
     """gnr's training and evaluation jobs in a namespace."""
     from rich.table import Table
 
-    from cli import kube
+    from gnr.cli import kube
 
     jobs = kube.find_jobs(kube.connect(), namespace)
     if as_json:
@@ -42,7 +42,7 @@ def status(run_id: str = typer.Argument(..., help="MLflow run id."), namespace: 
     """The jobs of one run and their pods."""
     from rich.table import Table
 
-    from cli import kube
+    from gnr.cli import kube
 
     api = kube.connect()
     jobs = _jobs_of(api, namespace, run_id)
@@ -67,7 +67,7 @@ def logs(run_id: str = typer.Argument(..., help="MLflow run id."), namespace: st
          follow: bool = typer.Option(False, "--follow", "-f", help="Stream new lines until the pod stops."),
          tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N lines.")) -> None:
     """The log of a run's job (rank 0 of the master pod unless --pod)."""
-    from cli import kube
+    from gnr.cli import kube
     from gnr.errors import GnrError
 
     api = kube.connect()
@@ -86,7 +86,7 @@ def logs(run_id: str = typer.Argument(..., help="MLflow run id."), namespace: st
 def cancel(run_id: str = typer.Argument(..., help="MLflow run id."), namespace: str = NAMESPACE,
            task: Optional[str] = TASK) -> None:
     """Stop a run's unfinished jobs: delete them and their pods (checkpoints stay)."""
-    from cli import kube
+    from gnr.cli import kube
     from gnr.errors import GnrError
 
     api = kube.connect()
@@ -100,7 +100,7 @@ def cancel(run_id: str = typer.Argument(..., help="MLflow run id."), namespace: 
 
 
 def _jobs_of(api, namespace: str, run_id: str, task: Optional[str] = None) -> list:
-    from cli import kube
+    from gnr.cli import kube
     from gnr.errors import GnrError
 
     if task not in (None, "train", "eval"):

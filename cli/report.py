@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console
+from gnr.cli.common import console
 
 
 def report(
@@ -17,7 +17,7 @@ def report(
     """Clean, AutoAttack per ε and PGD accuracy, seconds per step and cost relative to the adversarial run."""
     import sys
 
-    from cli.analyze import run_ids_of
+    from gnr.cli.analyze import run_ids_of
     from gnr.analysis.report import report as build, to_csv, to_markdown
     from gnr.errors import GnrError
 
@@ -25,7 +25,7 @@ def report(
         raise GnrError(f"--format is table, markdown or csv (got '{fmt}')")
     table = build(experiment=experiment, run_ids=run_ids_of(run_id, ctx.args), uri=tracking_uri)
     if fmt == "table":
-        from cli.render import report_table
+        from gnr.cli.render import report_table
 
         console.print(report_table(table))
     else:

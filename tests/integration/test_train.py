@@ -153,7 +153,7 @@ def test_sigint_checkpoints_and_marks_run_killed(gnr_home):
 
 def test_torchrun_two_cpu_processes(mlflow_server, gnr_home):
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "cli.app", "train", "gradnorm",
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "gnr.cli.app", "train", "gradnorm",
          "--max-steps", "6", "--tracking-uri", mlflow_server, "--experiment", "torchrun", "--json"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

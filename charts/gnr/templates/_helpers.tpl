@@ -67,7 +67,7 @@ variables that both Kubeflow operators set, and runs the real `gnr` CLI module. 
 - torchrun
 {{- if eq .Values.task "train" }}
 - -m
-- cli.app
+- gnr.cli.app
 - train
 - --config
 - /etc/gnr/config.yaml
@@ -75,7 +75,7 @@ variables that both Kubeflow operators set, and runs the real `gnr` CLI module. 
 - --standalone
 - --nproc-per-node={{ include "gnr.procsPerNode" . }}
 - -m
-- cli.app
+- gnr.cli.app
 - eval
 - --run-id
 - {{ .Values.runId | quote }}
