@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,12 @@ def fused(kernel: Callable) -> Callable:
                 return kernel(*args)
             if compiled is None:
                 compiled = torch.compile(kernel, dynamic=True)
+                try:  # it compiles on this first call
+                    return compiled(*args)
+                except Exception as e:  # a compiler failure must not stop training: same numbers, unfused
+                    warnings.warn(f"gnr.doublegrad: torch.compile failed for {kernel.__name__} "
+                                  f"({type(e).__name__}: {e}); running it unfused")
+                    compiled = kernel
             return compiled(*args)
 
     run.eager = kernel

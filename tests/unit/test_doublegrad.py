@@ -13,7 +13,7 @@ from gnr.config import ModelConfig, ObjectiveConfig
 from gnr.doublegrad import fast_layer_counts, use_fast_double_backward
 from gnr.doublegrad.gelu import FastGELU, gelu_double_backward
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
-from gnr.models import build_model
+from gnr.models import build_model, swap_activations
 from gnr.objectives import build_objective
 
 CLASSES, IMG, BATCH = 10, 32, 4
@@ -105,10 +105,12 @@ def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
         dist.destroy_process_group()
 
 
-def test_swapped_state_dict_loads_into_plain_timm_and_gives_the_same_logits():
-    cfg, img, _ = MODELS["convnext"]
+@pytest.mark.parametrize("arch", ["convnext", "resnet18-gelu"])
+def test_swapped_state_dict_loads_into_plain_timm_and_gives_the_same_logits(arch):
+    cfg, img, _ = MODELS[arch]
     fast, _ = build_model(cfg, CLASSES, img)
     plain = timm.create_model(cfg.name, num_classes=CLASSES)
+    swap_activations(plain, cfg.act)
     plain.load_state_dict(fast.inner.state_dict(), strict=True)
     x = torch.rand(2, 3, img, img)
     torch.testing.assert_close(fast.eval()(x), plain.eval()((x - fast.mean) / fast.std), rtol=1e-5, atol=1e-6)
