@@ -10,10 +10,10 @@ from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from torch import nn
 
-from gnr.doublegrad.gelu import FastGELU
+from gnr.doublegrad.activation import FastGELU, FastSiLU
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
 
-FAST_TYPES = (FastGELU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
+FAST_TYPES = (FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
 
 
 def _affine_last_dim(m: nn.LayerNorm) -> bool:
@@ -36,6 +36,8 @@ def fast_version(module: nn.Module) -> nn.Module | None:
     kind = type(module)
     if kind in (nn.GELU, TimmGELU, TimmGELUTanh):
         return FastGELU(approximate="tanh" if kind is TimmGELUTanh else getattr(module, "approximate", "none"))
+    if kind is nn.SiLU:
+        return FastSiLU()
     if kind in (nn.LayerNorm, TimmLayerNorm) and _affine_last_dim(module):
         return _adopt(FastLayerNorm, module)
     if kind is TimmLayerNorm2d and _affine_last_dim(module):
