@@ -11,9 +11,10 @@ from timm.layers.activations import GELUTanh as TimmGELUTanh
 from torch import nn
 
 from gnr.doublegrad.activation import FastGELU, FastSiLU
+from gnr.doublegrad.attention import FastAttention, TimmAttention
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
 
-FAST_TYPES = (FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
+FAST_TYPES = (FastAttention, FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
 
 
 def _affine_last_dim(m: nn.LayerNorm) -> bool:
@@ -44,13 +45,16 @@ def fast_version(module: nn.Module) -> nn.Module | None:
         return _adopt(FastLayerNorm2d, module)
     if kind is nn.BatchNorm2d and module.affine:
         return _adopt(FastBatchNorm2d, module)
+    if kind is TimmAttention and module.fused_attn:  # timm's own softmax path calls no SDPA to route
+        return _adopt(FastAttention, module)
     return None
 
 
 def use_fast_double_backward(model: nn.Module) -> dict[str, int]:
     """Replace every supported layer of ``model`` in place; return how many of each kind.
 
-    Unsupported layers (other norms, activations, attention) keep today's autograd path.
+    Unsupported layers (other norms and activations, attention other than timm's ``Attention`` on
+    its SDPA path, e.g. Swin's window attention) keep today's autograd path.
     """
     for parent in list(model.modules()):
         for name, child in parent.named_children():

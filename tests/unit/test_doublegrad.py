@@ -6,12 +6,14 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from timm.data import Mixup
 from torch import nn
 
 from gnr.config import ModelConfig, ObjectiveConfig
 from gnr.doublegrad import fast_layer_counts, use_fast_double_backward
 from gnr.doublegrad.activation import FastGELU, FastSiLU, activation_double_backward
+from gnr.doublegrad.attention import _ExplicitSDPA
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
 from gnr.models import build_model, swap_activations
 from gnr.objectives import build_objective
@@ -19,7 +21,7 @@ from gnr.objectives import build_objective
 CLASSES, IMG, BATCH = 10, 32, 4
 TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
 MODELS = {  # name -> (config, img size, expected replacement counts)
-    "vit": (ModelConfig(name="test_vit"), IMG, {"GELU": 6, "LayerNorm": 13}),  # 6 blocks
+    "vit": (ModelConfig(name="test_vit"), IMG, {"Attention": 6, "GELU": 6, "LayerNorm": 13}),  # 6 blocks
     "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
              {"GELU": 2, "LayerNorm": 7}),
     "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
@@ -134,7 +136,8 @@ def test_swap_shares_parameters_and_leaves_unsupported_layers_alone():
 
 
 @pytest.mark.parametrize("layer", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LayerNorm(6),
-                                   nn.BatchNorm2d(3).train(), nn.BatchNorm2d(3).eval()], ids=str)
+                                   nn.BatchNorm2d(3).train(), nn.BatchNorm2d(3).eval(),
+                                   timm.layers.Attention(6, num_heads=2)], ids=str)
 def test_every_level_is_exact_against_finite_differences(layer):
     """gradcheck / gradgradcheck in fp64: levels 1 and 2 against finite differences of levels 0 and 1."""
     torch.manual_seed(0)
@@ -155,7 +158,37 @@ def test_every_level_is_exact_against_finite_differences(layer):
     def f(x, *ps):
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
+    assert FAST_NODES & graph_nodes(f(x, *params))  # the explicit levels are what runs
     assert torch.autograd.gradcheck(f, (x, *params)) and torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_attention_levels_are_exact_with_a_learned_additive_mask():
+    """A float mask that needs its gradient (a relative-position bias) included."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        with _ExplicitSDPA():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.7)
+
+    torch.testing.assert_close(f(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.7))
+    assert "_AttentionBackward" in graph_nodes(f(q, k, v, bias))
+    assert torch.autograd.gradcheck(f, (q, k, v, bias)) and torch.autograd.gradgradcheck(f, (q, k, v, bias))
+
+
+FAST_NODES = {"_ActivationBackward", "_AttentionBackward", "_NormBackward"}
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
 
 
 def test_batchnorm_running_statistics_follow_torch():
