@@ -126,11 +126,21 @@ class _ExplicitSDPA(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _only_math_allowed() -> bool:
+    """The caller forced the math SDPA kernel (``gnr.objectives.base.math_attention``): it is about to
+    differentiate twice. Elsewhere the fused kernels' own backward is the better first order."""
+    return not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                or torch.backends.cuda.cudnn_sdp_enabled())
+
+
 class FastAttention(TimmAttention):
-    """timm ``Attention`` whose ``scaled_dot_product_attention`` call has an explicit double backward."""
+    """timm ``Attention`` whose ``scaled_dot_product_attention`` call gets an explicit double backward
+    in forwards that will be differentiated twice (math SDPA forced); other forwards are timm's."""
 
     kind = "Attention"
 
     def forward(self, *args, **kwargs):
+        if not _only_math_allowed():
+            return super().forward(*args, **kwargs)
         with _ExplicitSDPA():
             return super().forward(*args, **kwargs)

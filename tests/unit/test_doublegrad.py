@@ -17,6 +17,7 @@ from gnr.doublegrad.attention import _ExplicitSDPA
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
 from gnr.models import build_model, swap_activations
 from gnr.objectives import build_objective
+from gnr.objectives.base import math_attention
 
 CLASSES, IMG, BATCH = 10, 32, 4
 TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
@@ -110,6 +111,15 @@ def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
         dist.destroy_process_group()
 
 
+def test_attention_runs_timms_own_path_outside_double_backward():
+    cfg, img, _ = MODELS["vit"]
+    reference, fast = model_pair(cfg, img)
+    x = torch.rand(2, 3, img, img, dtype=torch.float64)
+    assert "_AttentionBackward" not in graph_nodes(fast(x))
+    with math_attention():
+        assert "_AttentionBackward" in graph_nodes(fast(x))
+
+
 @pytest.mark.parametrize("arch", ["convnext", "resnet18-gelu"])
 def test_swapped_state_dict_loads_into_plain_timm_and_gives_the_same_logits(arch):
     cfg, img, _ = MODELS[arch]
@@ -156,7 +166,8 @@ def test_every_level_is_exact_against_finite_differences(layer):
     names, params = zip(*layer.named_parameters()) if list(layer.parameters()) else ((), ())
 
     def f(x, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+        with math_attention():  # as gradnorm runs it: attention's explicit levels are for double backward
+            return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
     assert FAST_NODES & graph_nodes(f(x, *params))  # the explicit levels are what runs
     assert torch.autograd.gradcheck(f, (x, *params)) and torch.autograd.gradgradcheck(f, (x, *params))
