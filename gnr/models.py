@@ -92,7 +92,7 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> tuple[Norm
         load_weights(inner, cfg.weights)
     swapped = swap_activations(inner, cfg.act)
     if cfg.fast_double_backward:
-        use_fast_double_backward(inner)  # after the swap, so swapped-in GELUs are replaced too
+        use_fast_double_backward(inner, attention=cfg.fast_attention)  # after the swap: its GELUs too
     pcfg = inner.pretrained_cfg
     return Normalized(inner, pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)), swapped
 

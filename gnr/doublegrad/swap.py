@@ -29,8 +29,9 @@ def _adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
     return fast
 
 
-def fast_version(module: nn.Module) -> nn.Module | None:
-    """The explicit-double-backward replacement of ``module``, or None if it is not supported.
+def fast_version(module: nn.Module, attention: bool = False) -> nn.Module | None:
+    """The explicit-double-backward replacement of ``module``, or None if it is not supported (or is
+    attention and ``attention`` is off).
 
     Types match exactly: a subclass may compute something else in its forward.
     """
@@ -45,20 +46,22 @@ def fast_version(module: nn.Module) -> nn.Module | None:
         return _adopt(FastLayerNorm2d, module)
     if kind is nn.BatchNorm2d and module.affine:
         return _adopt(FastBatchNorm2d, module)
-    if kind is TimmAttention and module.fused_attn:  # timm's own softmax path calls no SDPA to route
+    if attention and kind is TimmAttention and module.fused_attn:  # timm's own softmax path calls no SDPA to route
         return _adopt(FastAttention, module)
     return None
 
 
-def use_fast_double_backward(model: nn.Module) -> dict[str, int]:
+def use_fast_double_backward(model: nn.Module, attention: bool = False) -> dict[str, int]:
     """Replace every supported layer of ``model`` in place; return how many of each kind.
 
+    ``attention`` adds timm's ``Attention``: exact, but whether it is faster on GPU than autograd's
+    math path is not yet measured, so it is opt-in (``model.fast_attention``).
     Unsupported layers (other norms and activations, attention other than timm's ``Attention`` on
     its SDPA path, e.g. Swin's window attention) keep today's autograd path.
     """
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            fast = fast_version(child)
+            fast = fast_version(child, attention)
             if fast is not None:
                 setattr(parent, name, fast)
     return fast_layer_counts(model)

@@ -22,7 +22,7 @@ from gnr.objectives.base import math_attention
 CLASSES, IMG, BATCH = 10, 32, 4
 TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
 MODELS = {  # name -> (config, img size, expected replacement counts)
-    "vit": (ModelConfig(name="test_vit"), IMG, {"Attention": 6, "GELU": 6, "LayerNorm": 13}),  # 6 blocks
+    "vit": (ModelConfig(name="test_vit", fast_attention=True), IMG, {"Attention": 6, "GELU": 6, "LayerNorm": 13}),  # 6 blocks
     "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
              {"GELU": 2, "LayerNorm": 7}),
     "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
@@ -135,6 +135,7 @@ def test_swap_shares_parameters_and_leaves_unsupported_layers_alone():
     ln, bn = nn.LayerNorm(6), nn.BatchNorm2d(3, momentum=None)
     unsupported = [nn.LayerNorm(6, elementwise_affine=False), nn.BatchNorm2d(3, affine=False), nn.GroupNorm(1, 3),
                    nn.LayerNorm((2, 3)), nn.Softplus(), timm.layers.activations.QuickGELU()]
+    unsupported.append(timm.layers.Attention(8))  # opt-in
     model = nn.Sequential(ln, bn, timm.layers.LayerNorm2d(3), timm.layers.activations.GELUTanh(), nn.SiLU(True),
                           *unsupported)
     counts = use_fast_double_backward(model)
@@ -152,7 +153,7 @@ def test_every_level_is_exact_against_finite_differences(layer):
     """gradcheck / gradgradcheck in fp64: levels 1 and 2 against finite differences of levels 0 and 1."""
     torch.manual_seed(0)
     holder = nn.Sequential(layer)
-    assert sum(use_fast_double_backward(holder).values()) == 1
+    assert sum(use_fast_double_backward(holder, attention=True).values()) == 1
     layer = holder[0]
     for name in ("weight", "bias"):
         if hasattr(layer, name):
