@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from timm.layers import Attention as TimmAttention
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from timm.layers.activations import GELU as TimmGELU
@@ -11,7 +12,7 @@ from timm.layers.activations import GELUTanh as TimmGELUTanh
 from torch import nn
 
 from gnr.doublegrad.activation import FastGELU, FastSiLU
-from gnr.doublegrad.attention import FastAttention, TimmAttention
+from gnr.doublegrad.attention import FastAttention
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
 
 FAST_TYPES = (FastAttention, FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
@@ -46,7 +47,7 @@ def fast_version(module: nn.Module, attention: bool = False) -> nn.Module | None
         return _adopt(FastLayerNorm2d, module)
     if kind is nn.BatchNorm2d and module.affine:
         return _adopt(FastBatchNorm2d, module)
-    if attention and kind is TimmAttention and module.fused_attn:  # timm's own softmax path calls no SDPA to route
+    if attention and kind is TimmAttention and module.fused_attn:  # the unfused path calls no SDPA
         return _adopt(FastAttention, module)
     return None
 

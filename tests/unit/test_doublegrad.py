@@ -22,7 +22,8 @@ from gnr.objectives.base import math_attention
 CLASSES, IMG, BATCH = 10, 32, 4
 TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
 MODELS = {  # name -> (config, img size, expected replacement counts)
-    "vit": (ModelConfig(name="test_vit", fast_attention=True), IMG, {"Attention": 6, "GELU": 6, "LayerNorm": 13}),  # 6 blocks
+    "vit": (ModelConfig(name="test_vit", fast_attention=True), IMG,  # 6 blocks
+            {"Attention": 6, "GELU": 6, "LayerNorm": 13}),
     "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
              {"GELU": 2, "LayerNorm": 7}),
     "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
