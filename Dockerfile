@@ -24,12 +24,13 @@ CMD ["server", "--host=0.0.0.0", "--port=5000"]
 FROM ${BASE_IMAGE} AS gnr
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# Dependencies first (a layer that survives code changes), then gnr itself without them.
+# Dependencies first (a layer that survives code changes), then gnr itself without them. nvidia-ml-py
+# (pynvml) gives MLflow's system metrics the GPUs' utilisation and memory.
 WORKDIR /opt/gnr
 COPY pyproject.toml README.md ./
 RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
       > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt "nvidia-ml-py==13.615.71" \
  && rm /tmp/requirements.txt
 COPY gnr ./gnr
 COPY cli ./cli

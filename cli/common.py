@@ -10,6 +10,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 SET_HELP = "Override any config field, e.g. --set optim.batch_size=128 (repeatable)."
+MODEL_URI_SCHEMES = ("runs:/", "models:/")  # what --model takes as an MLflow model, not a timm name
 
 
 def print_json(payload: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import SET_HELP, console, err_console, parse_csv, print_json
+from gnr.cli.common import MODEL_URI_SCHEMES, SET_HELP, console, err_console, parse_csv, print_json
 
 
 def evaluate(
@@ -24,7 +24,9 @@ def evaluate(
     batch_size: int = typer.Option(100, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
-    model: Optional[str] = typer.Option(None, "--model", help="With --weights PATH: the timm model name."),
+    model: Optional[str] = typer.Option(None, "--model", help="An MLflow model to evaluate instead of --run-id "
+                                        "(runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS; results go to "
+                                        "the run it came from); with --weights PATH: the timm model name."),
     preset: str = typer.Option("demo", "--preset", "-p", help="With --weights PATH: preset for data / model."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
@@ -38,11 +40,15 @@ def evaluate(
 ) -> None:
     """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
     from gnr.errors import GnrError
-    from gnr.evaluate import EvalSpec, parse_attacks, parse_eps
+    from gnr.evaluate import EvalSpec, model_source, parse_attacks, parse_eps
 
     external = weights not in ("ema", "raw")
+    if model and model.startswith(MODEL_URI_SCHEMES):
+        if run_id or external:
+            raise GnrError("--model URI names the run and its weights: leave out --run-id and --weights PATH")
+        run_id, weights = model_source(model, tracking_uri)
     if not external and not run_id:
-        raise GnrError("name the run to evaluate with --run-id ID (or pass --weights PATH)")
+        raise GnrError("name the run to evaluate with --run-id ID or --model URI (or pass --weights PATH)")
     spec = EvalSpec(attacks=parse_attacks(parse_csv(attacks)), eps=parse_eps(parse_csv(eps)),
                     weights="file" if external else weights, data=data, split=split, ids=ids, n=n,
                     batch_size=batch_size, device=device, seed=seed)

@@ -25,6 +25,7 @@ def run_summary(result) -> Table:
     ]
     rows += [(name.replace("holdout/", "held-out "), _fmt(v)) for name, v in result.metrics.items()
              if name.startswith("holdout/")]
+    rows += [(label, value) for label, value in (("MLflow model", result.model_uri), ("registered", result.registered)) if value]
     rows += [("tracking", result.tracking_uri), ("open the UI", f"[cyan]{result.ui_command}[/]")]
     for name, value in rows:
         table.add_row(name, str(value))

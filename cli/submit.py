@@ -40,12 +40,14 @@ def submit(
     values: list[Path] = typer.Option([], "--values", "-f", help=VALUES_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifests helm renders; create nothing."),
     wait: bool = typer.Option(False, "--wait", help="Wait until the job has finished; exit 1 if it failed."),
+    register: Optional[str] = typer.Option(None, "--register", metavar="NAME",
+                                           help="Register the job's MLflow model under NAME (a new version)."),
 ) -> None:
     """Train on Kubernetes: [bold]gnr submit gradnorm --gpus 8[/] runs the paper's Swin-B job on one 8-GPU node."""
     from gnr import tracking
     from gnr.errors import GnrError
 
-    cfg = _train_config(method, preset, overrides)
+    cfg = _train_config(method, preset, overrides, register)
     if gpus is None:
         raise GnrError("--gpus is required: GPUs per node, e.g. --gpus 8")
     sizes = {"nodes": count("--nodes", nodes), "gpusPerNode": count("--gpus", gpus)}
@@ -57,7 +59,8 @@ def submit(
     # The render above caught bad values; only now is anything created.
     api = _preflight()
     run_id = tracking.create_run(cfg, tags={"cluster.namespace": namespace, "cluster.nodes": str(sizes["nodes"]),
-                                            "cluster.gpus_per_node": str(sizes["gpusPerNode"])})
+                                            "cluster.gpus_per_node": str(sizes["gpusPerNode"])},
+                                 source_type="JOB")
     try:
         show(_release("train", run_id, _train_values(cfg, run_id, sizes, image), namespace, values, dry_run=False),
              dry_run=False)
@@ -127,7 +130,7 @@ def image_values(image: str | None) -> dict:
     return {"image": {"repository": repository, "tag": tag, "digest": digest}}
 
 
-def _train_config(method: str, preset: str, overrides: list[str]):
+def _train_config(method: str, preset: str, overrides: list[str], register: str | None = None):
     """The resolved RunConfig of the job: checkpoints on the chart's volume, no credentials inside."""
     from gnr import tracking
     from gnr.config import METHODS, build_config
@@ -136,7 +139,8 @@ def _train_config(method: str, preset: str, overrides: list[str]):
     if method not in METHODS:
         raise GnrError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     cfg = build_config(preset=preset, overrides=overrides,
-                       fields={"objective.method": method, "checkpoint.dir": CHECKPOINT_DIR})
+                       fields={"objective.method": method, "checkpoint.dir": CHECKPOINT_DIR,
+                               "tracking.register_as": register})
     if cfg.tracking.uri and tracking.redact(cfg.tracking.uri) != cfg.tracking.uri:
         raise GnrError("tracking.uri must not carry credentials: they would land in the ConfigMap "
                        "(use MLFLOW_TRACKING_USERNAME/PASSWORD here and mlflow.auth.secretName in the chart)")

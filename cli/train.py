@@ -22,6 +22,8 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     experiment: Optional[str] = typer.Option(None, "--experiment"),
+    register: Optional[str] = typer.Option(None, "--register", metavar="NAME",
+                                           help="Register the logged MLflow model under NAME (a new version)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id to continue.", envvar="GNR_RUN_ID"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -46,6 +48,7 @@ def train(
         "tracking.uri": tracking_uri,
         "tracking.experiment": experiment,
         "tracking.run_id": resume,
+        "tracking.register_as": register,
     }
     cfg = build_config(preset=preset, config_file=config, overrides=overrides, fields=fields)
     if dry_run:

@@ -15,9 +15,13 @@ def ui(
 ) -> None:
     """Start `mlflow ui` on the local store (Ctrl-C to stop)."""
     from gnr import paths
+    from gnr.cli.common import err_console
+    from gnr.tracking import UI_VIEW
 
     uri = tracking_uri or paths.local_tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri == paths.local_tracking_uri():
         cmd += ["--default-artifact-root", str(paths.local_artifact_root())]
+    # The link opens the UI on its model-training views (MLflow 3.17 opens on GenAI otherwise).
+    err_console.print(f"MLflow UI: http://{host}:{port}/#/experiments{UI_VIEW}", highlight=False, markup=False)
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))

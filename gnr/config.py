@@ -128,8 +128,11 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or a local store")
     experiment: str = "gnr"
     run_id: str | None = Field(None, description="resume / attach to this MLflow run")
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="default: <method>-<model>-<act>")
     log_every: int = Field(20, ge=1)
+    register_as: str | None = Field(None, description="register the logged MLflow model under this name")
+    system_metrics: bool = Field(True, description="log MLflow system metrics (CPU, memory, disk, network, "
+                                 "GPU) from one process per node")
 
 
 class RuntimeConfig(Section):

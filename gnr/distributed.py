@@ -22,6 +22,19 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_node_main(self) -> bool:
+        """One process per node (per-node work such as system metrics)."""
+        return self.local_rank == 0
+
+    @property
+    def node_id(self) -> str | None:
+        """``node<k>`` in a multi-node job (torchrun's GROUP_RANK), None on a single node."""
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        if self.world <= per_node:
+            return None
+        return f"node{os.environ.get('GROUP_RANK', self.rank // per_node)}"
+
 
 def pick_device(pref: str, local_rank: int) -> torch.device:
     if pref == "auto":

@@ -146,6 +146,20 @@ def load_run_model(run_id: str, weights: str = "ema", uri: str | None = None,
         return RunModel(build_evaluated_model(cfg, path, torch.device(device)), cfg, file_sha256(path))
 
 
+def model_source(model_uri: str, uri: str | None = None) -> tuple[str, str]:
+    """The run an MLflow model URI came from and the weights (``ema`` or ``raw``) it holds.
+
+    gnr loads those weights (safetensors) from that run rather than the logged model itself: they
+    are the same tensors (the tests compare the logits), the run's config rebuilds the eager timm model
+    that attacks and gradient statistics differentiate through (the logged model is an exported graph),
+    loading runs no code from the store, and results land in, and are cached for, that run.
+    """
+    from gnr.tracking import load_run_config, model_source_run
+
+    run_id = model_source_run(model_uri, uri)
+    return run_id, "ema" if load_run_config(run_id, uri).ema.enabled else "raw"
+
+
 def load_ids(ids: str) -> list[str]:
     """``robustbench`` (the shipped 5000 RobustBench ImageNet ids) or a file with one id per line."""
     if ids == "robustbench":
@@ -329,11 +343,14 @@ class EvalResult:
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
     """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
+    from gnr.tracking import system_metrics
+
     dist = distributed.init(spec.device)
     try:
         loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
-        return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)
+        with system_metrics(run_id, uri, loaded.cfg, dist):
+            return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch)
     finally:
         distributed.close()
 
@@ -341,7 +358,7 @@ def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
 def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
                       on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
     """Evaluate a checkpoint from elsewhere (timm, RobustBench) with ``cfg``'s model and data, as a new run."""
-    from gnr.tracking import RunWriter, create_run
+    from gnr.tracking import NOTE_TAG, RunWriter, create_run, system_metrics
 
     path = Path(weights_file).resolve()
     if not path.is_file():
@@ -352,12 +369,15 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
     status = "FAILED"
     try:
         model = build_evaluated_model(cfg, path, dist.device)  # a bad file fails before a run exists
-        run_id = create_run(cfg, tags={"source": "external", "weights_file": str(path)}, status="RUNNING") \
+        note = f"Evaluation of external weights `{path.name}` as `{cfg.model.name}` (no training)."
+        run_id = create_run(cfg, tags={"source": "external", "weights_file": str(path), NOTE_TAG: note},
+                            status="RUNNING", entry_point="gnr eval") \
             if dist.is_main else None
         run_id = distributed.broadcast_object(run_id)
         writer = RunWriter(run_id, cfg.tracking.uri) if dist.is_main else None
         identity = {"run_id": run_id, "weights": file_sha256(path)}
-        result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
+        with system_metrics(run_id, cfg.tracking.uri, cfg, dist):
+            result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri, on_batch)
         status = "FINISHED"
         return result
     finally:

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,12 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gnr
 from gnr import __version__, paths
 from gnr.config import RunConfig, validate
 from gnr.errors import GnrError
 
 CONFIG_ARTIFACT = "config.yaml"
 WEIGHTS_DIR = "weights"
+MODEL_NAME = "model"  # the run's MLflow Model: runs:/<run id>/model, listed under "Logged models"
+# The MLflow 3 UI has GenAI views (traces, evaluations) and model-training views (runs, metrics,
+# models). Experiments that gnr creates are tagged as model training, the experiment kind MLflow's
+# API and earlier 3.x UIs read. The 3.17 UI picks the views per browser instead (a GenAI / Model
+# training switch, GenAI by default) unless the link says which: gnr's links carry UI_VIEW.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+UI_VIEW = "?workflowType=machine_learning"
+NOTE_TAG = "mlflow.note.content"  # the run page's "Description"
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 # Download bars from MLflow would interleave with gnr's own rich output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -80,7 +92,8 @@ def _experiment_id(mlflow_client, name: str, uri: str) -> str:
     if uri == paths.local_tracking_uri():
         location = (paths.local_artifact_root() / name).as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location,
+                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except Exception:  # another process created it first
         exp = mlflow_client.get_experiment_by_name(name)
         if exp is None:
@@ -88,13 +101,16 @@ def _experiment_id(mlflow_client, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def _git_sha() -> str:
+def _git_commit() -> str | None:
+    """The commit of the gnr checkout this code runs from; None for an installed wheel (no checkout)."""
+    checkout = Path(gnr.__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=checkout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def run_params(cfg: RunConfig) -> dict[str, str]:
@@ -105,8 +121,42 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
     if cfg.tracking.uri:
         params["tracking.uri"] = redact(cfg.tracking.uri)
     params.update({"versions.gnr": __version__, "versions.torch": torch.__version__,
-                   "versions.timm": timm.__version__, "versions.git_sha": _git_sha()})
+                   "versions.timm": timm.__version__})
     return params
+
+
+def run_name(cfg: RunConfig) -> str:
+    """``tracking.run_name``, else ``<method>-<model>-<act>`` (e.g. gradnorm-swin_base_patch4_window7_224-gelu)."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    parts = [cfg.objective.method, cfg.model.name] + ([cfg.model.act] if cfg.model.act != "keep" else [])
+    return "-".join(parts)
+
+
+def run_description(cfg: RunConfig) -> str:
+    """The run's note (Markdown): what was trained, at which budget, batch and preset."""
+    o, m = cfg.objective, cfg.model
+    act = "its own activations" if m.act == "keep" else f"{m.act.upper()} activations"
+    attack = f", {o.attack.upper()}-{o.attack_steps if o.attack == 'pgd' else 1}" if o.method == "adversarial" else ""
+    return (f"**{o.method}**{attack} training of `{m.name}` with {act}, "
+            f"ε = {o.eps * 255:.3g}/255, batch {cfg.optim.batch_size} per process"
+            f"{f' × {cfg.optim.accum_steps} accumulation steps' if cfg.optim.accum_steps > 1 else ''}, "
+            f"{cfg.schedule.epochs} epochs, preset `{cfg.preset}`, data `{cfg.data.source}`.")
+
+
+def source_tags(entry_point: str, source_type: str) -> dict[str, str]:
+    """MLflow's own source tags: the command that runs the job, LOCAL or JOB, and the git commit."""
+    tags = {SOURCE_NAME_TAG: entry_point, SOURCE_TYPE_TAG: source_type}
+    if commit := _git_commit():
+        tags[GIT_COMMIT_TAG] = commit
+    return tags
+
+
+def pinned_requirements() -> list[str]:
+    """gnr's own pins, as its installed distribution declares them (pyproject), without the extras."""
+    from importlib import metadata
+
+    return [r for r in metadata.requires("gnr") or [] if "extra ==" not in r]
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -114,13 +164,20 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
             "dataset": cfg.data.source, "preset": cfg.preset}
 
 
-def create_run(cfg: RunConfig, tags: dict[str, str] | None = None, status: str = "SCHEDULED") -> str:
-    """Create a run holding the resolved config (params + artifact) and return its id."""
+def create_run(cfg: RunConfig, tags: dict[str, str] | None = None, status: str = "SCHEDULED", *,
+               entry_point: str | None = None, source_type: str = "LOCAL") -> str:
+    """Create a run holding the resolved config (params + artifact) and return its id.
+
+    It is named from the config, described in its note, and carries MLflow's source tags:
+    ``entry_point`` (default ``gnr train METHOD``) and ``source_type`` (LOCAL, or JOB for a cluster job).
+    """
     uri = resolve_uri(cfg.tracking.uri)
     check_reachable(uri)
     c = client(uri)
     exp_id = _experiment_id(c, cfg.tracking.experiment, uri)
-    run = c.create_run(exp_id, run_name=cfg.tracking.run_name, tags={**run_tags(cfg), **(tags or {})})
+    entry_point = entry_point or f"gnr train {cfg.objective.method}"
+    run = c.create_run(exp_id, run_name=run_name(cfg), tags={
+        **run_tags(cfg), **source_tags(entry_point, source_type), NOTE_TAG: run_description(cfg), **(tags or {})})
     run_id = run.info.run_id
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
     _log_params(c, run_id, run_params(cfg))
@@ -222,10 +279,45 @@ class Tracker:
         assert status in TERMINAL
         self.client.set_terminated(self.run_id, status=status)
 
+    def log_model(self, model, example, register_as: str | None = None):
+        """Log ``model`` (a pixels-in-[0, 1] classifier: gnr's ``Normalized`` wrapper) as the run's MLflow
+        Model ``model``, registered as ``register_as`` when given; returns MLflow's ``ModelInfo``.
+
+        MLflow's ``pt2`` format (``torch.export``) stores a graph and tensors, not a pickle: it loads
+        with ``mlflow.pytorch.load_model`` without gnr and without running untrusted code. The
+        signature is float32 ``[-1, 3, H, W]`` in, logits ``[-1, classes]`` out; ``example`` (two or
+        more images: a batch of one would fix the batch size) is the input example.
+        """
+        import copy
+
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+        x = example.detach().cpu().float().contiguous()
+        with torch.no_grad():
+            logits = model(x)
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *logits.shape[1:]))]))
+        # mlflow.pytorch.log_model is a fluent API: it takes the store and the experiment from globals.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        try:
+            return mlflow.pytorch.log_model(
+                model, name=MODEL_NAME, run_id=self.run_id, signature=signature, input_example=x.numpy(),
+                pip_requirements=pinned_requirements(), registered_model_name=register_as,
+                serialization_format="pt2")
+        except Exception as e:
+            raise GnrError(f"could not log the MLflow model of run {self.run_id} (its weights are logged "
+                           f"under {WEIGHTS_DIR}/): {_cause(e)}") from None
+
     def ui_command(self) -> str:
         if self.uri == paths.local_tracking_uri():
             return "gnr ui"
-        return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_VIEW}"
 
 
 # -- after training: evaluation and analysis log into a run, the report reads runs back -------------
@@ -238,6 +330,111 @@ class RunWriter(Tracker):
         run = get_run(run_id, self.uri)
         self.client = client(self.uri)
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+
+
+_MODEL_URI = re.compile(r"runs:/(?P<run>[^/]+)/.+|models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))?")
+
+
+def model_source_run(model_uri: str, uri: str | None = None) -> str:
+    """The id of the run an MLflow model came from, for ``runs:/ID/model``, ``models:/NAME/VERSION``,
+    ``models:/NAME/latest``, ``models:/NAME@ALIAS`` and ``models:/m-<logged model id>``."""
+    match = _MODEL_URI.fullmatch(model_uri.strip())
+    if not match:
+        raise GnrError(f"'{model_uri}' is not an MLflow model URI (runs:/RUN_ID/model, models:/NAME/VERSION "
+                       "or models:/NAME@ALIAS)")
+    resolved = resolve_uri(uri)
+    if match["run"]:
+        return get_run(match["run"], resolved).info.run_id
+    check_reachable(resolved)
+    c = client(resolved)
+    name = match["name"]
+    try:
+        if match["alias"]:
+            run_id = c.get_model_version_by_alias(name, match["alias"]).run_id
+        elif match["version"] == "latest":
+            versions = c.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise GnrError(f"registered model '{name}' has no versions")
+            run_id = max(versions, key=lambda v: int(v.version)).run_id
+        elif match["version"]:
+            run_id = c.get_model_version(name, match["version"]).run_id
+        else:  # an MLflow 3 logged model id
+            run_id = c.get_logged_model(name).source_run_id
+    except GnrError:
+        raise
+    except Exception as e:
+        raise _error(e, f"no MLflow model '{model_uri}' at {redact(resolved)}",
+                     f"cannot read MLflow model '{model_uri}' at {redact(resolved)}") from None
+    if not run_id:
+        raise GnrError(f"MLflow model '{model_uri}' was not logged by a run")
+    return run_id
+
+
+class SystemMetrics:
+    """MLflow's system metrics of this node (CPU, memory, disk, network; GPU when pynvml imports) as
+    ``system/...`` (``system/node<k>/...`` on several nodes) of one run, sampled every
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10).
+
+    MLflow's own monitor thread stops as soon as its run is not RUNNING, but evaluation logs into
+    FINISHED runs; so gnr drives MLflow's monitor from a thread of its own, and takes one last sample
+    when it stops, so that a short job has at least one.
+    """
+
+    def __init__(self, run_id: str, uri: str | None = None, node_id: str | None = None, interval: float = 10.0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # INFO on start and stop
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id,
+                                            tracking_uri=resolve_uri(uri), resume_logging=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gnr-system-metrics", daemon=True)
+        self._failed = False
+
+    def __enter__(self) -> "SystemMetrics":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.monitor.mlflow_logger.flush()
+        except Exception as e:
+            self._warn(e)
+
+    def _loop(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # psutil measures CPU per calling thread: open this thread's first window
+        while not self._stop.wait(self.monitor.sampling_interval):
+            self._sample()
+        self._sample()  # the last one: a job shorter than the interval still has one
+
+    def _sample(self) -> None:
+        try:
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        except Exception as e:  # system metrics must never stop a job
+            self._warn(e)
+
+    def _warn(self, e: Exception) -> None:
+        if not self._failed:
+            self._failed = True
+            logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))
+
+
+def system_metrics(run_id: str, uri: str | None, cfg: RunConfig, dist):
+    """A context that logs :class:`SystemMetrics` into ``run_id`` while it is open, from one process per
+    node (``dist``: a :class:`gnr.distributed.Dist`); nothing when ``tracking.system_metrics`` is off."""
+    from contextlib import nullcontext
+
+    if not (cfg.tracking.system_metrics and dist.is_node_main):
+        return nullcontext()
+    try:
+        return SystemMetrics(run_id, uri, dist.node_id)
+    except Exception as e:  # psutil missing, store unreadable: system metrics never stop a job
+        logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))
+        return nullcontext()
 
 
 def download_weights(run_id: str, which: str, dst: str | Path, uri: str | None = None) -> Path:

@@ -28,7 +28,7 @@ from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import build_objective
 from gnr.scoring import autocast, clean_and_pgd_accuracy
-from gnr.tracking import Tracker, check_reachable, resolve_uri
+from gnr.tracking import Tracker, check_reachable, resolve_uri, system_metrics
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
 # anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
@@ -50,6 +50,8 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
     ui_command: str = ""
+    model_uri: str = ""  # the logged MLflow Model (models:/m-...)
+    registered: str = ""  # models:/NAME/VERSION when registered
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "is_main"}
@@ -167,6 +169,7 @@ class Trainer:
         self.best_pgd = -1.0
         self.step_times: list[float] = []
         self.last_eval: dict[str, float] = {}
+        self.logged_model = None  # mlflow ModelInfo, set by finish()
 
     def attach(self, run_id: str, tracker: Tracker | None) -> None:
         """Bind to the MLflow run: checkpoints live under <checkpoint.dir>/<run id>."""
@@ -341,7 +344,8 @@ class Trainer:
         self.tracker.log_artifact(staged, "checkpoints")
 
     def finish(self) -> dict[str, float]:
-        """Log the weights `gnr eval --run-id` loads: EMA (evaluated, as in the paper) and raw."""
+        """Log the weights `gnr eval --run-id` loads: EMA (evaluated, as in the paper) and raw; then the
+        evaluated one (EMA, else raw) as the run's MLflow Model, registered if ``tracking.register_as``."""
         if self.tracker is None:
             return {}
         out = self.ckpt_dir / "weights"
@@ -352,6 +356,9 @@ class Trainer:
         timed = self.step_times[min(3, len(self.step_times) - 1):] if self.step_times else [float("nan")]
         final = {"perf/sec_per_step": sum(timed) / len(timed), "perf/steps": self.update}
         self.tracker.log_metrics(final, step=self.update)
+        example, *_ = next(iter(eval_loader(self.cfg, limit=2, batch_size=2)))
+        self.logged_model = self.tracker.log_model(self.ema.module if self.ema else self.model, example,
+                                                   self.cfg.tracking.register_as)
         return final
 
 
@@ -379,6 +386,13 @@ def _start_run(cfg: RunConfig, dist: distributed.Dist) -> tuple[str, Tracker | N
     return run_id, tracker
 
 
+def _model_fields(info, register_as: str | None) -> dict[str, str]:
+    if info is None:
+        return {}
+    version = info.registered_model_version
+    return {"model_uri": info.model_uri, "registered": f"models:/{register_as}/{version}" if version else ""}
+
+
 def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
     cfg = cfg.model_copy(deep=True)
     dist = distributed.init(cfg.runtime.device)
@@ -397,7 +411,7 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
         if tracker:
             tracker.set_tags({"activations_replaced": trainer.replaced, "world_size": dist.world,
                               **{f"fast_layers.{k}": n for k, n in fast_layer_counts(trainer.model).items()}})
-        with StopRequested() as stop:
+        with StopRequested() as stop, system_metrics(run_id, cfg.tracking.uri, cfg, dist):
             status = trainer.run(stop)
         final = trainer.finish() if status == "FINISHED" else {}
         metrics = {**{f"holdout/{k}": v for k, v in trainer.last_eval.items()}, **final}
@@ -405,7 +419,8 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
             run_id=run_id, status=status, is_main=dist.is_main, method=cfg.objective.method, model=cfg.model.name,
             act=cfg.model.act, steps=trainer.update, epochs=trainer.update / trainer.updates_per_epoch,
             elapsed_s=time.perf_counter() - started, sec_per_step=final.get("perf/sec_per_step", float("nan")),
-            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "")
+            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "",
+            **_model_fields(trainer.logged_model, cfg.tracking.register_as))
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -15,6 +15,7 @@ SHARED = Path(os.environ.get("GNR_SHARED", ROOT.parent / "shared"))
 IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
 ROBUSTBENCH = SHARED / "data" / "robustbench"
 BIN = Path(sys.executable).parent
+DEMO_MODEL = "tests-demo"  # the registered model of the demo_run fixture
 
 # Two cores: keep every torch process to one intra-op thread unless a test says otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -114,11 +115,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str = "") -
 
 @pytest.fixture(scope="session")
 def demo_run(mlflow_server, tmp_path_factory) -> dict:
-    """A short gradnorm run of the demo preset, logged to the real MLflow server (shared, read-only)."""
+    """A short gradnorm run of the demo preset, logged to the real MLflow server (shared, read-only);
+    its MLflow model is registered as ``DEMO_MODEL`` version 1."""
     import json
 
     home = tmp_path_factory.mktemp("demo-run-home")
     proc = run_gnr("train", "gradnorm", "--max-steps", "12", "--tracking-uri", mlflow_server,
-                   "--experiment", "tests", "--json", env={"GNR_HOME": str(home)}, check=True)
+                   "--experiment", "tests", "--register", DEMO_MODEL, "--json", env={"GNR_HOME": str(home)}, check=True)
     summary = json.loads(proc.stdout)
     return {"run_id": summary["run_id"], "uri": mlflow_server, "home": home, "summary": summary}

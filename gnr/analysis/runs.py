@@ -12,6 +12,7 @@ from torch import nn
 from gnr import paths
 from gnr.config import RunConfig
 from gnr.data.loader import with_resolved_source
+from gnr.errors import GnrError
 from gnr.evaluate import Batch, image_batches, load_run_model
 
 
@@ -28,10 +29,20 @@ class AnalysedRun:
         return image_batches(cfg, split=cfg.data.val_split, n=n, batch_size=batch_size)
 
 
+def source_runs(models: list[str], uri: str | None = None) -> list[str]:
+    """The run each MLflow model URI came from; the model holds that run's EMA (else raw) weights,
+    which the analysis loads from the run (see :func:`gnr.evaluate.model_source`)."""
+    from gnr.tracking import model_source_run
+
+    return [model_source_run(m, uri) for m in models]
+
+
 def load_runs(run_ids: list[str], *, weights: str = "ema", uri: str | None = None,
               device: torch.device | str = "cpu") -> list[AnalysedRun]:
     from gnr.tracking import find_runs
 
+    if not run_ids:
+        raise GnrError("name the runs to analyse with --run-id ID ... or --model URI ...")
     records = find_runs(run_ids=run_ids, uri=uri)
     labels = [f"{r.tags.get('method', '?')} ({r.tags.get('activation', '?')})" for r in records]
     labels = [f"{lab} {r.run_id[:6]}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, records)]

@@ -146,6 +146,7 @@ def test_submit_creates_the_run_then_installs_and_waits(helm, recording_helm, fa
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run.info.status == "SCHEDULED"
     assert run.data.tags["cluster.nodes"] == "2" and run.data.tags["cluster.gpus_per_node"] == "8"
+    assert run.info.run_name == "gradnorm-test_convnext-gelu" and run.data.tags["mlflow.source.type"] == "JOB"
     logged = MlflowClient(mlflow_server).download_artifacts(run_id, "config.yaml", str(tmp_path))
     assert yaml.safe_load(open(logged))["tracking"]["run_id"] == run_id
 

@@ -161,6 +161,11 @@ def test_torchrun_two_cpu_processes(mlflow_server, gnr_home):
     run = MlflowClient(tracking_uri=mlflow_server).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2"
+    # system metrics from one process per node: one series, each step once (two ranks would repeat steps)
+    steps = [m.step for m in MlflowClient(tracking_uri=mlflow_server).get_metric_history(
+        run.info.run_id, "system/cpu_utilization_percentage")]
+    assert steps and sorted(steps) == list(range(len(steps)))
+    assert not any(k.startswith("system/node") for k in run.data.metrics)
     assert summary["steps"] == 6
     assert run.data.metrics["holdout/clean_acc"] >= 0
     # the checkpoint holds each rank's own RNG streams, so every rank resumes exactly where it was
