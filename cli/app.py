@@ -50,7 +50,7 @@ def main() -> None:
 
     try:
         app()
-    except GnrError as e:
+    except (GnrError, OSError) as e:  # OSError: a full disk, a read-only or missing path, named by the error
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,4 +1,6 @@
-"""`gnr bench loader|step`: throughput measurements printed as JSON."""
+"""`gnr bench loader|step`: data loader throughput; the cost of one optimizer step per method."""
+
+from typing import Optional
 
 import typer
 
@@ -25,24 +27,28 @@ def loader(
 def step(
     model: str = typer.Option("resnet18", "--model"),
     img_size: int = typer.Option(224, "--img-size"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    methods: str = typer.Option("natural,gradnorm,gradnorm-fd,adversarial", "--methods"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Even: mixup pairs the images, as in training."),
+    methods: str = typer.Option("natural,gradnorm,gradnorm-fd,adversarial", "--methods", help="Add edge to time it too."),
     act: str = typer.Option("keep", "--act"),
     device: str = typer.Option("auto", "--device"),
     amp: str = typer.Option("auto", "--amp", help="auto | bf16 | fp16 | none"),
     steps: int = typer.Option(5, "--steps", help="Timed steps per method."),
     warmup: int = typer.Option(2, "--warmup"),
-    as_json: bool = typer.Option(True, "--json/--table"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the first-order methods, as runtime.compile."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s for MFU; default: the "
+                                                "GPU's datasheet value for the dtype (none on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Seconds per optimizer step for each method and the ratio to natural, in one process."""
+    """Cost of one optimizer step per method: time, counted FLOPs, MFU, memory, non-matmul traffic."""
     from gnr.bench.step import bench_step
 
     result = bench_step(model=model, img_size=img_size, batch_size=batch_size, methods=parse_csv(methods),
-                        act=act, device=device, amp=amp, steps=steps, warmup=warmup)
+                        act=act, device=device, amp=amp, steps=steps, warmup=warmup, compile=compile,
+                        peak=peak_tflops)
     if as_json:
         print_json(result)
     else:
-        from gnr.cli.render import bench_table
         from gnr.cli.common import console
+        from gnr.cli.render import bench_table
 
         console.print(bench_table(result))

@@ -22,12 +22,14 @@ def imagefolder(
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed of the train split."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the split if OUT already holds it."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at a file that is not a decodable image "
+                                "(default: skip it with a warning; the manifest lists it)."),
 ) -> None:
     """Shard an ImageNet folder tree, keeping the original JPEG bytes (no re-encoding)."""
     from gnr.data.shards import write_imagefolder
 
     manifest = write_imagefolder(root, out, split, ids=ids, class_map=class_map, shard_size=shard_size, seed=seed,
-                                 overwrite=overwrite, progress=True)
+                                 overwrite=overwrite, progress=True, strict=strict)
     _report(manifest, out)
 
 
@@ -48,6 +50,9 @@ def _report(manifest, out: str) -> None:
     shards = len(manifest.shards)
     console.print(f"[green]wrote[/] {manifest.split}: {manifest.total} samples, {len(manifest.classes)} classes, "
                   f"{shards} shard{'s' * (shards != 1)} -> {out}/{manifest.split}.json", highlight=False)
+    if manifest.skipped:
+        console.print(f"[yellow]note:[/] skipped {len(manifest.skipped)} file(s) that are not decodable images "
+                      f"(listed in {out}/{manifest.split}.json)", highlight=False)
     if manifest.ids and manifest.ids["found"] < manifest.ids["listed"]:
         console.print(f"[yellow]note:[/] {manifest.ids['listed'] - manifest.ids['found']} of the "
                       f"{manifest.ids['listed']} ids in {manifest.ids['source']} were not found under the root",

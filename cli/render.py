@@ -33,12 +33,26 @@ def run_summary(result) -> Table:
 
 
 def bench_table(result: dict) -> Table:
-    table = Table(title=f"gnr bench step: {result.get('model')} on {result.get('device')}")
-    for col in ("method", "sec/step", "x natural", "passes"):
-        table.add_column(col)
+    """One row per method; ratios are to natural; ``*`` marks a compiled step."""
+    peak = f"peak {result['peak_tflops']:g} TFLOP/s" if result.get("peak_tflops") else "MFU n/a: no known peak"
+    table = Table(title=f"gnr bench step: {result['model']} {result['img_size']} px, batch {result['batch_size']}, "
+                        f"{result['dtype']}, {result['device']}, {peak}", title_justify="left",
+                  caption=f"* compiled. ¹ written by non-matmul ops: MB per image, ops per step. "
+                          f"Memory: {result['memory']}.", caption_justify="left")
+    for col in ("method", "s/step", "×nat", "GFLOP/img", "FLOP×nat", "TFLOP/s", "MFU", "MiB", "MB/img¹",
+                "ops¹", "FD err"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
+    def ratio(value) -> str:
+        return f"{value:.2f}" if value else "-"
+
     for method, row in result["methods"].items():
-        table.add_row(method, _fmt(row["sec_per_step"]), _fmt(row.get("ratio_to_natural", float("nan"))),
-                      _fmt(row.get("passes", "")))
+        fd, mfu = row.get("fd_rel_error"), row.get("mfu")
+        table.add_row(method + ("*" if row.get("compiled") else ""), f"{row['sec_per_step']:.3g}",
+                      ratio(row.get("ratio_to_natural")), f"{row['gflop_per_image']:.3g}",
+                      ratio(row.get("flop_ratio_to_natural")), f"{row['tflops']:.3g}",
+                      "n/a" if mfu is None else f"{100 * mfu:.1f}%", f"{row['peak_memory_mib']:.0f}",
+                      f"{row['nonmatmul_mb_per_image']:.3g}", str(row["nonmatmul_ops"]),
+                      "" if fd is None else f"{100 * fd:+.3f}%")
     return table
 
 

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: written to a temp file and renamed, so a crash never leaves a torn one.
+"""Atomic checkpoints (:mod:`gnr.atomic`): a crash never leaves a torn one, a full disk never a temp file.
 
 A checkpoint is a plain dict of tensors and Python scalars (model, EMA, optimizer, scheduler, scaler,
 RNG states of every rank, data position, config), loadable with ``torch.load(weights_only=True)``.
@@ -6,27 +6,55 @@ RNG states of every rank, data position, config), loadable with ``torch.load(wei
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gnr import atomic
+from gnr.errors import GnrError
+
 PREFIX = "step-"
 
 
+def prepare_dir(directory: Path) -> None:
+    """Create a run's checkpoint directory and remove temp files of writes that were killed."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale(directory)
+        probe = atomic.temp_path(directory / "probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise GnrError(f"cannot write checkpoints to {directory}: {e.strerror or e}") from None
+
+
 def save(state: dict, directory: Path, step: int, keep_last: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``step-<step>.pt``, then keep only the newest `keep_last`; a failed write raises a
+    one-line :class:`GnrError` and leaves the previous checkpoints as they were."""
     path = directory / f"{PREFIX}{step:09d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale(directory)
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        raise GnrError(f"cannot write checkpoint {path}: {_io_cause(e)}") from None
     for old in sorted(directory.glob(f"{PREFIX}*.pt"))[:-keep_last]:
         old.unlink()
     return path
+
+
+def _io_cause(e: BaseException) -> str:
+    """torch reports a failed write (e.g. ENOSPC) as "unexpected pos" RuntimeError; the OSError it
+    replaced says what happened."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        cause = cause.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def latest(directory: Path) -> Path | None:

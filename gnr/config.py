@@ -63,7 +63,7 @@ class ObjectiveConfig(Section):
     lambda_ce: float = Field(0.8, ge=0)
     lambda_gn: float = Field(1.2, ge=0)
     ramp_epochs: float = Field(5.0, ge=0, description="penalty weight / attack step ramp length")
-    fd_step: float = Field(0.01, gt=0, description="gradnorm-fd: finite-difference step h in pixels")
+    fd_step: float = Field(1e-4, gt=0, description="gradnorm-fd: finite-difference step h in pixels (fp32 passes)")
     attack: Literal["pgd", "fgsm"] = "pgd"
     attack_steps: int = Field(3, ge=1)
     attack_step_size: float = Field(8 / (3 * 255), gt=0)

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from gnr import distributed, paths
+from gnr import atomic, distributed, paths
 from gnr.config import RunConfig
 from gnr.data.shards import file_sha256
 from gnr.errors import GnrError
@@ -289,13 +288,7 @@ class BatchCache:
         digest = hashlib.sha1("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
         names = sorted(k for k in rows[0] if k not in ("id", "label"))
         path = self.root / f"batch-{digest}-{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic.write_text(path, json.dumps(rows))
 
 
 def cache_dir(identity: dict) -> Path:
@@ -342,11 +335,15 @@ class EvalResult:
 
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None) -> EvalResult:
-    """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run."""
-    from gnr.tracking import system_metrics
+    """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run. A run left
+    RUNNING by a process that is gone is reported and marked FAILED first."""
+    from gnr.tracking import fix_stale_run, system_metrics
 
     dist = distributed.init(spec.device)
     try:
+        stale = fix_stale_run(run_id, uri) if dist.is_main else None
+        if stale:
+            logging.getLogger(__name__).warning(stale)
         loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
         with system_metrics(run_id, uri, loaded.cfg, dist):
@@ -522,12 +519,10 @@ def sanity_warnings(accuracy: dict[str, float], measures: list[Measure]) -> list
 def write_rows(rows: list[dict], path: Path) -> Path:
     """A CSV with the first row's keys as header (booleans as 1/0), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: int(v) if isinstance(v, bool) else v for k, v in r.items()} for r in rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -7,9 +7,14 @@ Everything lives under ``$GNR_HOME`` (default ``~/.gnr``) so that one variable m
 import os
 from pathlib import Path
 
+from gnr.errors import GnrError
+
 
 def home() -> Path:
-    return Path(os.environ.get("GNR_HOME", Path.home() / ".gnr")).expanduser()
+    path = Path(os.environ.get("GNR_HOME", Path.home() / ".gnr")).expanduser()
+    if path.exists() and not path.is_dir():
+        raise GnrError(f"GNR_HOME {path} is not a directory; point GNR_HOME at a directory gnr may write to")
+    return path
 
 
 def demo_data_dir() -> Path:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import tempfile
+import time
 import threading
 import urllib.error
 import urllib.parse
@@ -24,6 +26,9 @@ import gnr
 from gnr import __version__, paths
 from gnr.config import RunConfig, validate
 from gnr.errors import GnrError
+from gnr.spool import Spool, compact
+
+log = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config.yaml"
 WEIGHTS_DIR = "weights"
@@ -41,6 +46,18 @@ SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG = "mlflow.source.name", "mlflow
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's own defaults (7 retries, exponential backoff, 120 s timeouts) keep a trainer hanging for
+# minutes when the server dies. gnr buffers what it cannot send (gnr/spool.py), so it fails fast
+# instead: at most ~1 min per call on a hung server, seconds on a refused connection. The user's
+# own settings of these variables win.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")):
+    os.environ.setdefault(_name, _value)
+PROBE_EVERY_S = 30.0  # while the server is down, how often the trainer checks whether it is back
+STALE_AFTER_S = 30 * 60  # a RUNNING run on another host with no heartbeat for this long is stale
+# Liveness tags: which process owns a RUNNING run, and when it last reached the server.
+HOST_TAG, PID_TAG, HEARTBEAT_TAG, FAILURE_TAG = "gnr.host", "gnr.pid", "gnr.heartbeat", "gnr.failure"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -62,8 +79,8 @@ def redact(uri: str) -> str:
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before any training, when the tracking server cannot be reached."""
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        try:  # /health needs no login; urllib would read user:password@ as part of the host name
+            urllib.request.urlopen(redact(uri).rstrip("/") + "/health", timeout=timeout)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise GnrError(f"MLflow tracking server {redact(uri)} is not reachable ({reason})") from None
@@ -77,6 +94,7 @@ def client(uri: str | None = None):
     # mlflow sets its loggers up on import; a new local store logs its migrations at INFO.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one line per retry; gnr says once what failed
     resolved = resolve_uri(uri)
     try:
         return MlflowClient(tracking_uri=resolved)  # a SQL store is opened (and migrated) here
@@ -85,7 +103,10 @@ def client(uri: str | None = None):
 
 
 def _experiment_id(mlflow_client, name: str, uri: str) -> str:
-    exp = mlflow_client.get_experiment_by_name(name)
+    try:  # the first call that needs a login: a wrong password (HTTP 401) is one line here
+        exp = mlflow_client.get_experiment_by_name(name)
+    except Exception as e:
+        raise GnrError(f"cannot read MLflow experiment '{name}' at {redact(uri)}: {_cause(e)}") from None
     if exp is not None:
         return exp.experiment_id
     location = None
@@ -123,6 +144,13 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
     params.update({"versions.gnr": __version__, "versions.torch": torch.__version__,
                    "versions.timm": timm.__version__})
     return params
+
+
+def public_config(cfg: RunConfig) -> RunConfig:
+    """The config as stored with a run (artifact, checkpoints): the tracking URI without credentials."""
+    if not cfg.tracking.uri:
+        return cfg
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": redact(cfg.tracking.uri)})})
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -181,7 +209,7 @@ def create_run(cfg: RunConfig, tags: dict[str, str] | None = None, status: str =
     run_id = run.info.run_id
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run_id})})
     _log_params(c, run_id, run_params(cfg))
-    c.log_text(run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+    c.log_text(run_id, public_config(cfg).to_yaml(), CONFIG_ARTIFACT)
     c.update_run(run_id, status=status)
     return run_id
 
@@ -239,7 +267,18 @@ def _cause(e: Exception) -> str:
 
 
 class Tracker:
-    """Logs one training run. Only rank 0 builds one; other ranks log nothing."""
+    """Logs one training run. Only rank 0 builds one; other ranks log nothing.
+
+    When the server stops answering, training goes on: one warning, then every call is appended to
+    a durable spool beside the checkpoints (:meth:`attach_spool`) and sent, in order, once the
+    server answers again (checked every ``PROBE_EVERY_S``) or by the next process that resumes the
+    run. The run carries its owner's host, pid and a heartbeat, so a run whose process is gone is
+    recognised as stale (:func:`stale_reason`) instead of being left RUNNING.
+    """
+
+    spool: Spool | None = None
+    offline_since: float | None = None  # monotonic time of the first failed call, while the server is down
+    _last_probe = 0.0
 
     def __init__(self, cfg: RunConfig):
         self.uri = resolve_uri(cfg.tracking.uri)
@@ -248,36 +287,65 @@ class Tracker:
         if cfg.tracking.run_id:
             run = get_run(cfg.tracking.run_id, self.uri)
             self.run_id = run.info.run_id
+            stale = stale_reason(run)
+            if stale:
+                log.warning("run %s was left RUNNING but %s; resuming it", self.run_id, stale)
             if not run.data.params:
                 _log_params(self.client, self.run_id, run_params(cfg))
-                self.client.log_text(self.run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+                self.client.log_text(self.run_id, public_config(cfg).to_yaml(), CONFIG_ARTIFACT)
+            if FAILURE_TAG in run.data.tags:  # an earlier attempt's failure; this one starts clean
+                self.client.delete_tag(self.run_id, FAILURE_TAG)
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = create_run(cfg, status="RUNNING")
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.client.log_batch(self.run_id, tags=_tag_list({HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(),
+                                                           HEARTBEAT_TAG: int(time.time())}))
 
+    def attach_spool(self, directory: Path) -> None:
+        """Buffer into ``directory`` from now on, and first send what an earlier process buffered there."""
+        self.spool = Spool(directory / "mlflow-spool.jsonl")
+        pending = len(self.spool)
+        if not pending:
+            return
+        try:
+            self._send_spool()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            self._go_offline(e)
+            return
+        log.warning("sent %d MLflow calls buffered while the server was down", pending)
+
+    # -- what the trainer logs -------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        import time
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        if metrics:
+            self._call({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
+                        "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._call({"op": "text", "text": text, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def finish(self, status: str) -> None:
+        """End the run. With the server still down, raise a one-line error that says how to finish it."""
         assert status in TERMINAL
-        self.client.set_terminated(self.run_id, status=status)
+        if self.offline_since is None or self._back_online(force=True):
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+                return
+            except Exception as e:
+                if self.spool is None or not is_outage(e):
+                    raise
+        pending = len(self.spool) if self.spool else 0
+        raise GnrError(f"MLflow server {redact(self.uri)} is unreachable, so run {self.run_id} ({status}) stays "
+                       f"open with {pending} buffered calls; it is resumable: when the server is back, run "
+                       f"gnr train --resume {self.run_id}")
 
     def log_model(self, model, example, register_as: str | None = None):
         """Log ``model`` (a pixels-in-[0, 1] classifier: gnr's ``Normalized`` wrapper) as the run's MLflow
@@ -318,6 +386,120 @@ class Tracker:
         if self.uri == paths.local_tracking_uri():
             return "gnr ui"
         return f"open {redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_VIEW}"
+
+    # -- sending, or buffering while the server is down ------------------------------------------
+    def _call(self, op: dict) -> None:
+        if self.spool is not None and self.offline_since is not None and not self._back_online():
+            self.spool.append(op)
+            return
+        try:
+            self._send(op)
+        except Exception as e:
+            if self.spool is None or not is_outage(e):
+                raise
+            self._go_offline(e)
+            self.spool.append(op)
+
+    def _go_offline(self, e: Exception) -> None:
+        self.offline_since = self._last_probe = time.monotonic()
+        log.warning("MLflow server %s is unreachable (%s); training goes on, buffering metrics and "
+                    "artifacts in %s", redact(self.uri), _cause(e), self.spool.path)
+
+    def _back_online(self, force: bool = False) -> bool:
+        if not force and time.monotonic() - self._last_probe < PROBE_EVERY_S:
+            return False
+        self._last_probe = time.monotonic()
+        try:
+            check_reachable(self.uri, timeout=5)
+            self._send_spool()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            return False
+        log.warning("MLflow server %s is back; sent what was buffered", redact(self.uri))
+        self.offline_since = None
+        return True
+
+    def _send_spool(self) -> None:
+        """Send the buffered calls in order; those not sent stay buffered."""
+        ops = compact(self.spool.read())
+        for i, op in enumerate(ops):
+            try:
+                self._send(op)
+            except Exception:
+                self.spool.replace(ops[i:])
+                raise
+        self.spool.replace([])
+
+    def _send(self, op: dict) -> None:
+        from mlflow.entities import Metric
+
+        kind, heartbeat = op["op"], {HEARTBEAT_TAG: int(time.time())}
+        if kind == "metrics":
+            batch = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
+            self.client.log_batch(self.run_id, metrics=batch, tags=_tag_list(heartbeat))
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=_tag_list({**op["tags"], **heartbeat}))
+        elif kind == "artifact":
+            if Path(op["path"]).exists():  # a buffered file removed since is not there to send
+                self.client.log_artifact(self.run_id, op["path"], op["artifact_path"])
+        elif kind == "text":
+            self.client.log_text(self.run_id, op["text"], op["artifact_file"])
+
+
+def _tag_list(tags: dict[str, Any]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+
+
+def is_outage(e: Exception) -> bool:
+    """The server is down, hung or overloaded (worth buffering and retrying), as opposed to a call
+    that it answered and refused (a bad value, a missing run), which retrying would not fix."""
+    import requests
+
+    if isinstance(e, (requests.exceptions.RequestException, OSError, GnrError)):
+        return True
+    code = getattr(e, "error_code", None)
+    return code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
+
+
+def stale_reason(run) -> str | None:
+    """Why a RUNNING run has no live process behind it, or None when it may still be alive."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    host, pid, beat = tags.get(HOST_TAG), tags.get(PID_TAG, ""), tags.get(HEARTBEAT_TAG, "")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        return f"its process {pid} on {host} is gone"
+    if beat.isdigit() and time.time() - int(beat) > STALE_AFTER_S:
+        return f"its process ({pid or '?'} on {host or '?'}) has not reported for {(time.time() - int(beat)) / 60:.0f} min"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child nobody has waited for yet is a zombie: gone all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fix_stale_run(run_id: str, uri: str | None = None) -> str | None:
+    """Mark a run FAILED when it is RUNNING with no live process behind it; returns what was done."""
+    run = get_run(run_id, uri)
+    reason = stale_reason(run)
+    if reason is None:
+        return None
+    c = client(uri)
+    c.set_tag(run_id, FAILURE_TAG, f"stale: {reason}")
+    c.set_terminated(run_id, status="FAILED")
+    return f"run {run_id} was left RUNNING but {reason}: marked FAILED (resume it with gnr train --resume {run_id})"
 
 
 # -- after training: evaluation and analysis log into a run, the report reads runs back -------------
@@ -418,6 +600,8 @@ class SystemMetrics:
             self._warn(e)
 
     def _warn(self, e: Exception) -> None:
+        if is_outage(e):  # samples are dropped while the server is down; the trainer says so once
+            return
         if not self._failed:
             self._failed = True
             logging.getLogger(__name__).warning("system metrics not logged: %s", _cause(e))

@@ -7,18 +7,15 @@ one, and ends the run as FINISHED, FAILED (non-finite loss, crash) or KILLED (Ct
 
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from gnr import checkpoint, distributed, paths
 from gnr.config import RunConfig
@@ -26,9 +23,9 @@ from gnr.data.loader import eval_loader, steps_per_epoch, train_loader, with_res
 from gnr.doublegrad import fast_layer_counts
 from gnr.errors import GnrError
 from gnr.models import build_model
-from gnr.objectives import build_objective
-from gnr.scoring import autocast, clean_and_pgd_accuracy
-from gnr.tracking import Tracker, check_reachable, resolve_uri, system_metrics
+from gnr.scoring import clean_and_pgd_accuracy
+from gnr.step import build_train_step
+from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, redact, resolve_uri, system_metrics
 
 # Fields that may differ between the run's stored config and a resumed process (paths, logging);
 # anything else (data.workers too: it shapes the batch stream) would silently change the experiment.
@@ -79,26 +76,6 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    amp = cfg.runtime.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def soft_targets(cfg: RunConfig):
-    """Mixup/CutMix with label smoothing (timm), or plain smoothed one-hot targets."""
-    from timm.data import Mixup
-    from timm.data.mixup import one_hot
-
-    a = cfg.augment
-    if a.mixup > 0 or a.cutmix > 0:
-        return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, switch_prob=a.mixup_switch_prob,
-                     label_smoothing=a.smoothing, num_classes=cfg.data.num_classes)
-    off = a.smoothing / cfg.data.num_classes
-    return lambda x, y: (x, one_hot(y, cfg.data.num_classes, on_value=1.0 - a.smoothing + off, off_value=off))
-
-
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -126,16 +103,12 @@ after each epoch's held-out check, on rank 0 only; the CLI draws it (the core dr
 
 class Trainer:
     def __init__(self, cfg: RunConfig, dist: distributed.Dist, on_event: ProgressFn | None = None):
-        import timm.optim
         import timm.scheduler
-        import timm.utils
 
         self.cfg, self.dist = cfg, dist
         self.on_event = on_event if dist.is_main else None
         self.run_id, self.tracker = "", None
         self.device = dist.device
-        self.amp = amp_dtype(cfg, self.device)
-        self.channels_last = cfg.runtime.channels_last and self.device.type == "cuda"
         self.spe = steps_per_epoch(cfg, dist.world)
         self.updates_per_epoch = max(1, self.spe // cfg.optim.accum_steps)
         self.total_updates = cfg.schedule.epochs * self.updates_per_epoch
@@ -144,29 +117,17 @@ class Trainer:
         self.global_batch = cfg.optim.batch_size * cfg.optim.accum_steps * dist.world
 
         model, self.replaced = build_model(cfg.model, cfg.data.num_classes, cfg.data.img_size)
-        model.to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ema = timm.utils.ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
-        self.optimizer = timm.optim.create_optimizer_v2(model.inner, opt=cfg.optim.opt, lr=cfg.lr(self.global_batch),
-                                                        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.opt_eps)
+        self.train_step = build_train_step(cfg, model, self.device, dist.world)
+        step = self.train_step
+        self.amp, self.ema, self.optimizer, self.scaler = step.amp, step.ema, step.optimizer, step.scaler
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
             warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
             updates_per_epoch=self.updates_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.train_model = model
-        if dist.world > 1:
-            self.train_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.objective = build_objective(cfg.objective)
-        if cfg.runtime.compile:
-            if self.objective.double_backward:
-                raise GnrError(f"runtime.compile: torch.compile has no double backward; use gradnorm-fd instead of {cfg.objective.method}")
-            self.train_model = torch.compile(self.train_model)
-        self.targets = soft_targets(cfg)
         self.update = 0  # optimizer steps done
         self.best_pgd = -1.0
+        self.skipped_total = 0  # training samples lost to corrupt shards, all epochs so far
         self.step_times: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.logged_model = None  # mlflow ModelInfo, set by finish()
@@ -177,11 +138,16 @@ class Trainer:
         self.run_id, self.tracker = run_id, tracker
         self.cfg.tracking.run_id = run_id
         self.ckpt_dir = Path(self.cfg.checkpoint.dir or paths.checkpoint_root()) / run_id
+        if self.dist.is_main:
+            checkpoint.prepare_dir(self.ckpt_dir)
+        if tracker is not None:
+            tracker.attach_spool(self.ckpt_dir)
 
     # -- state -------------------------------------------------------------------------------
     def state(self, rng: list[dict]) -> dict:
         return {
-            "update": self.update, "best_pgd": self.best_pgd, "config": self.cfg.model_dump(mode="json"),
+            "update": self.update, "best_pgd": self.best_pgd, "skipped_total": self.skipped_total,
+            "config": public_config(self.cfg).model_dump(mode="json"),
             "model": self.model.state_dict(), "state_dict_ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng,
@@ -211,6 +177,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.update, self.best_pgd = state["update"], state["best_pgd"]
+        self.skipped_total = state.get("skipped_total", 0)
         if len(state["rng"]) == self.dist.world:
             checkpoint.set_rng_state(state["rng"][self.dist.rank])
         else:  # resumed on another number of ranks: distinct but reproducible streams
@@ -262,43 +229,15 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
             if self.update % self.updates_per_epoch == 0 or self.update >= self.total_updates:
-                self.end_epoch(skipped_samples=batches.skipped_samples)
+                self.end_epoch(skipped=batches.skipped)
         return "FINISHED"
 
     def step(self, batches) -> tuple[dict[str, float], float]:
         """One optimizer update over `accum_steps` micro-batches. Returns (mean parts, non-finite flag)."""
-        cfg = self.cfg
-        accum = cfg.optim.accum_steps
-        progress = self.update / self.updates_per_epoch
-        loss_sum, parts_acc = 0.0, {}
-        for i in range(accum):
-            x, y = next(batches)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x, y_soft = self.targets(x, y)
-            sync = nullcontext() if i == accum - 1 or self.dist.world == 1 else self.train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.amp):
-                    loss, parts = self.objective(self.train_model, x, y_soft, progress)
-                self.scaler.scale(loss / accum).backward()
-            loss_sum = loss_sum + loss.detach()
-            for k, v in parts.items():
-                parts_acc[k] = parts_acc.get(k, 0.0) + v.detach().float()
-        if cfg.optim.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        parts, nonfinite = self.train_step(batches, self.update / self.updates_per_epoch, self.update + 1)
         self.update += 1
         self.scheduler.step_update(self.update)
-        if self.ema:
-            self.ema.update(self.model, step=self.update)
-        mean_loss = float(loss_sum) / accum
-        parts_out = {"loss": mean_loss, **{k: float(v) / accum for k, v in parts_acc.items()}}
-        return parts_out, float(not math.isfinite(mean_loss))
+        return parts, float(nonfinite)
 
     def _log_window(self, window: "Window") -> None:
         if self.tracker is None or not window.steps:
@@ -310,7 +249,9 @@ class Trainer:
                         "train/epoch": self.update / self.updates_per_epoch})
         self.tracker.log_metrics(metrics, step=self.update)
 
-    def end_epoch(self, skipped_samples: int = 0) -> dict[str, float]:
+    def end_epoch(self, skipped: dict[tuple[str, str], int] | None = None) -> dict[str, float]:
+        """Score the held-out set, checkpoint, log. Without a held-out set (``eval.holdout=0``) every
+        checkpoint is the best one, so ``best.pt`` is the last."""
         cfg = self.cfg
         scored = self.ema.module if self.ema else self.model
         result = {}
@@ -319,14 +260,18 @@ class Trainer:
                                   batch_size=cfg.eval.batch_size)
             result = clean_and_pgd_accuracy(scored, batches, eps=cfg.eval.eps, step_size=cfg.eval.pgd_step_size,
                                             steps=cfg.eval.pgd_steps, device=self.device, amp_dtype=self.amp)
-        is_best = result.get("pgd_acc", 0.0) > self.best_pgd
-        if is_best:
-            self.best_pgd = result["pgd_acc"]
+        score = result.get("pgd_acc")
+        is_best = score is None or score > self.best_pgd
+        if score is not None and is_best:
+            self.best_pgd = score
+        lost = self._skipped_this_epoch(skipped or {})
+        self.skipped_total += lost
         path = self.save()
         if self.tracker is not None:
-            metrics = {"holdout/clean_acc": result.get("clean_acc", float("nan")),
-                       f"holdout/pgd{cfg.eval.pgd_steps}_acc": result.get("pgd_acc", float("nan")),
-                       "epoch": self.update / self.updates_per_epoch, "data/skipped_samples": skipped_samples}
+            metrics = {"epoch": self.update / self.updates_per_epoch, "data/skipped_samples": lost,
+                       "data/skipped_samples_total": self.skipped_total}
+            if result:
+                metrics.update({"holdout/clean_acc": result["clean_acc"], f"holdout/pgd{cfg.eval.pgd_steps}_acc": score})
             self.tracker.log_metrics(metrics, step=self.update)
             self._log_checkpoint(path, "last.pt")
             if is_best:
@@ -335,6 +280,13 @@ class Trainer:
         if self.on_event and result:
             self.on_event({"holdout": result, "epoch": self.update / self.updates_per_epoch})
         return result
+
+    def _skipped_this_epoch(self, mine: dict[tuple[str, str], int]) -> int:
+        """Samples lost this epoch over all ranks, each loss once (ranks may meet the same bad shard)."""
+        merged: dict[tuple[str, str], int] = {}
+        for part in distributed.all_gather_object(mine):
+            merged.update(part)
+        return sum(merged.values())
 
     def _log_checkpoint(self, path: Path, name: str) -> None:
         staged = self.ckpt_dir / "logged" / name
@@ -356,6 +308,8 @@ class Trainer:
         timed = self.step_times[min(3, len(self.step_times) - 1):] if self.step_times else [float("nan")]
         final = {"perf/sec_per_step": sum(timed) / len(timed), "perf/steps": self.update}
         self.tracker.log_metrics(final, step=self.update)
+        if self.tracker.offline_since is not None:  # server down: `gnr train --resume` logs the model
+            return final
         example, *_ = next(iter(eval_loader(self.cfg, limit=2, batch_size=2)))
         self.logged_model = self.tracker.log_model(self.ema.module if self.ema else self.model, example,
                                                    self.cfg.tracking.register_as)
@@ -419,10 +373,14 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
             run_id=run_id, status=status, is_main=dist.is_main, method=cfg.objective.method, model=cfg.model.name,
             act=cfg.model.act, steps=trainer.update, epochs=trainer.update / trainer.updates_per_epoch,
             elapsed_s=time.perf_counter() - started, sec_per_step=final.get("perf/sec_per_step", float("nan")),
-            metrics=metrics, tracking_uri=tracker.uri if tracker else "", ui_command=tracker.ui_command() if tracker else "",
+            metrics=metrics, tracking_uri=redact(tracker.uri) if tracker else "", ui_command=tracker.ui_command() if tracker else "",
             **_model_fields(trainer.logged_model, cfg.tracking.register_as))
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as e:
+        if tracker is not None:  # the reason stays with the run
+            tracker.set_tags({FAILURE_TAG: str(e) if isinstance(e, GnrError) else f"{type(e).__name__}: {e}"})
         raise
     finally:
         if tracker is not None:

@@ -22,6 +22,7 @@ from PIL import Image
 from gnr.analysis.gradients import input_gradients
 from gnr.analysis.runs import AnalysedRun
 from gnr.attacks import pgd
+from gnr.data.shards import asset
 from gnr.errors import GnrError
 from gnr.evaluate import pgd_step, predicts
 
@@ -61,8 +62,6 @@ def folder_label(name: str, num_classes: int) -> int | None:
     match = WNID.match(name)
     if not match or num_classes != 1000:
         return None
-    from gnr.data.shards import asset
-
     return json.loads(asset("imagenet_class_to_id_map.json").read_text()).get(match.group(1))
 
 

@@ -183,16 +183,22 @@ class TrainBatches:
 
     Samples lost to corrupt shards are skipped, not replaced by padding: the epoch keeps its length.
     Each such shard is warned about once per process (logger ``gnr.data.loader``) and counted in
-    `skipped_shards` (shard URL -> samples lost so far this epoch) and `skipped_samples` (their sum).
+    `skipped` (one entry per lost shard part or sample), `skipped_shards` (shard URL -> samples lost)
+    and `skipped_samples` (their sum). An epoch may pass a shard twice (the shard chain wraps
+    around): a loss met again is the same loss, counted once.
     """
 
     def __init__(self, loader: DataLoader, length: int):
         self._loader, self._length = loader, length
-        self.skipped_shards: dict[str, int] = {}
+        self.skipped: dict[tuple[str, str], int] = {}  # (shard URL, what was lost) -> samples
+
+    @property
+    def skipped_shards(self) -> dict[str, int]:
+        return count_by_shard(self.skipped)
 
     @property
     def skipped_samples(self) -> int:
-        return sum(self.skipped_shards.values())
+        return sum(self.skipped.values())
 
     def __len__(self) -> int:
         return self._length
@@ -204,10 +210,17 @@ class TrainBatches:
             yield images, labels
 
     def _record(self, problem: ShardProblem) -> None:
-        self.skipped_shards[problem.url] = self.skipped_shards.get(problem.url, 0) + problem.lost
+        self.skipped[(problem.url, problem.reason)] = problem.lost
         if problem.url not in _warned_shards:
             _warned_shards.add(problem.url)
             log.warning("skipping corrupt shard %s: %s (%d samples lost)", problem.url, problem.reason, problem.lost)
+
+
+def count_by_shard(skipped: dict[tuple[str, str], int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (url, _), lost in skipped.items():
+        out[url] = out.get(url, 0) + lost
+    return out
 
 
 class _Losses:

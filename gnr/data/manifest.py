@@ -50,6 +50,7 @@ class Manifest:
     classes: tuple[str, ...]  # class names by index (ImageNet: wnids)
     shards: tuple[Shard, ...]
     ids: dict[str, Any] | None = None  # provenance of an --ids selection: source, listed, found
+    skipped: tuple[str, ...] = ()  # input files left out because they do not decode as images
     location: str = field(default="", compare=False)  # directory or URL prefix it was read from
 
     @property
@@ -69,12 +70,15 @@ class Manifest:
                 "shards": [asdict(s) for s in self.shards], "classes": list(self.classes)}
         if self.ids is not None:
             data["ids"] = self.ids
+        if self.skipped:
+            data["skipped"] = list(self.skipped)
         return json.dumps(data, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], location: str) -> Manifest:
         return cls(split=data["split"], image=data["image"], classes=tuple(data["classes"]),
-                   shards=tuple(Shard(**s) for s in data["shards"]), ids=data.get("ids"), location=location)
+                   shards=tuple(Shard(**s) for s in data["shards"]), ids=data.get("ids"),
+                   skipped=tuple(data.get("skipped", ())), location=location)
 
 
 def file_url(location: str, name: str) -> str:

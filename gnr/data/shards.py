@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,9 +26,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from gnr import paths
+from gnr import atomic, paths
 from gnr.data.manifest import Manifest, Shard, manifest_name, shard_name
 from gnr.errors import GnrError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 JPEG_SUFFIXES = {".jpeg", ".jpg"}
@@ -37,7 +40,7 @@ ROBUSTBENCH_IDS = "robustbench"
 Sample = tuple[str, int, bytes]  # key, class index, encoded image
 
 
-def _asset(name: str) -> Path:
+def asset(name: str) -> Path:
     return Path(str(resources.files("gnr") / "assets" / name))
 
 
@@ -45,8 +48,10 @@ def _asset(name: str) -> Path:
 
 def write_split(samples: Iterable[Sample], out: str | Path, split: str, *, total: int, classes: list[str],
                 image: str, shard_size: int = 1000, overwrite: bool = False, progress: bool = False,
-                ids: dict | None = None) -> Manifest:
-    """Write `samples` (in the given order) as shards of `shard_size` plus the manifest."""
+                ids: dict | None = None, skipped: list[str] | None = None) -> Manifest:
+    """Write `samples` (in the given order) as shards of `shard_size` plus the manifest.
+
+    `skipped` names the inputs that `samples` leaves out; it may grow while `samples` is consumed."""
     out = Path(out)
     if shard_size < 1:
         raise GnrError(f"--shard-size must be at least 1, got {shard_size}")
@@ -56,9 +61,9 @@ def write_split(samples: Iterable[Sample], out: str | Path, split: str, *, total
         for index, chunk in enumerate(_chunks(samples, shard_size)):
             shards.append(_write_shard(out / shard_name(split, index), chunk, image))
             advance(len(chunk))
-    manifest = Manifest(split=split, image=image, classes=tuple(classes), shards=tuple(shards), ids=ids)
-    with _replacing(out / manifest_name(split)) as tmp:
-        tmp.write_text(manifest.to_json())
+    manifest = Manifest(split=split, image=image, classes=tuple(classes), shards=tuple(shards), ids=ids,
+                        skipped=tuple(skipped or ()))
+    atomic.write_text(out / manifest_name(split), manifest.to_json())
     _remove_stale_shards(out, split, keep={s.name for s in shards})
     return manifest
 
@@ -87,7 +92,7 @@ def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
 def _write_shard(path: Path, samples: tuple[Sample, ...], image: str) -> Shard:
     import webdataset as wds  # imports torch: not before there is something to write
 
-    with _replacing(path) as tmp:
+    with atomic.replacing(path) as tmp:
         with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tar:
             for key, label, data in samples:
                 tar.write({"__key__": key, image: data, "cls": str(label).encode()})
@@ -110,17 +115,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` that becomes `path` (atomic rename) only if the block succeeds."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
 def _progress_bar(description: str, total: int, *, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -135,12 +129,14 @@ def _progress_bar(description: str, total: int, *, enabled: bool):
 
 def write_imagefolder(root: str | Path, out: str | Path, split: str, *, ids: str | None = None,
                       class_map: str | Path | None = None, shard_size: int = 1000, seed: int = 0,
-                      overwrite: bool = False, progress: bool = False) -> Manifest:
+                      overwrite: bool = False, progress: bool = False, strict: bool = False) -> Manifest:
     """Shard ``root/<wnid>/*.JPEG`` with the original bytes, keyed ``<wnid>/<file stem>``.
 
     Class indices come from `class_map` (JSON wnid -> index; default: the standard ImageNet-1k order).
     `ids` keeps only the listed ``<wnid>/<file>`` entries (a file, or ``robustbench`` for the
     5000-image robustness test set). Train shards are shuffled with `seed`; val keeps sorted order.
+    Each file must decode as an image: one that does not is skipped with a warning and listed in the
+    manifest's ``skipped``, or, with `strict`, stops the write with a one-line error.
     """
     if split not in SPLITS:
         raise GnrError(f"--split must be one of {' | '.join(SPLITS)}, got '{split}'")
@@ -153,9 +149,36 @@ def write_imagefolder(root: str | Path, out: str | Path, split: str, *, ids: str
     if split == "train":
         random.Random(seed).shuffle(files)
     labels = [_class_index(index, path.parent.name, class_map) for path in files]
-    samples = ((_sample_key(path), label, path.read_bytes()) for path, label in zip(files, labels))
+    skipped: list[str] = []
+    samples = _decodable(files, labels, strict=strict, skipped=skipped)
     return write_split(samples, out, split, total=len(files), classes=sorted(index, key=index.get), image="jpg",
-                       shard_size=shard_size, overwrite=overwrite, progress=progress, ids=provenance)
+                       shard_size=shard_size, overwrite=overwrite, progress=progress, ids=provenance, skipped=skipped)
+
+
+def _decodable(files: list[Path], labels: list[int], *, strict: bool, skipped: list[str]) -> Iterator[Sample]:
+    for path, label in zip(files, labels):
+        data = path.read_bytes()
+        problem = decode_problem(data)
+        if problem is None:
+            yield _sample_key(path), label, data
+            continue
+        if strict:
+            raise GnrError(f"{path} is not a decodable image ({problem}); remove it, or drop --strict to skip such files")
+        log.warning("skipping %s: not a decodable image (%s)", path, problem)
+        skipped.append(f"{path.parent.name}/{path.name}")
+
+
+def decode_problem(data: bytes) -> str | None:
+    """Why `data` does not decode as an image, or None. Cheap: JPEGs decode at 1/8 scale (draft mode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
+            img.load()
+    except Image.UnidentifiedImageError:
+        return "not an image format PIL knows"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+    return None
 
 
 def _find_jpegs(root: Path) -> list[Path]:
@@ -168,7 +191,7 @@ def _find_jpegs(root: Path) -> list[Path]:
 
 
 def _read_class_map(class_map: str | Path | None) -> dict[str, int]:
-    path = Path(class_map) if class_map else _asset("imagenet_class_to_id_map.json")
+    path = Path(class_map) if class_map else asset("imagenet_class_to_id_map.json")
     try:
         index = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError) as e:
@@ -186,7 +209,7 @@ def _class_index(index: dict[str, int], wnid: str, class_map: str | Path | None)
 
 
 def _select_ids(files: list[Path], ids: str, root: Path) -> tuple[list[Path], dict]:
-    path = _asset("imagenet_test_image_ids.txt") if ids == ROBUSTBENCH_IDS else Path(ids)
+    path = asset("imagenet_test_image_ids.txt") if ids == ROBUSTBENCH_IDS else Path(ids)
     if not path.is_file():
         raise GnrError(f"ids file not found: {path}")
     wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
