@@ -45,6 +45,9 @@ def step(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the first-order methods, as runtime.compile."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s for MFU; default: the "
                                                 "GPU's datasheet value for the dtype (none on CPU)."),
+    fast: bool = typer.Option(True, "--fast-double-backward/--no-fast-double-backward",
+                              help="model.fast_double_backward (off: autograd's own double backward, the 'before')."),
+    fast_attention: bool = typer.Option(False, "--fast-attention", help="model.fast_attention (opt-in)."),
     as_json: bool = JSON,
 ) -> None:
     """Cost of one optimizer step per method: time, counted FLOPs, MFU, memory, non-matmul traffic."""
@@ -52,7 +55,7 @@ def step(
 
     result = bench_step(model=model, img_size=img_size, batch_size=batch_size, methods=parse_csv(methods),
                         act=act, device=device, amp=amp, steps=steps, warmup=warmup, compile=compile,
-                        peak=peak_tflops)
+                        peak=peak_tflops, fast_double_backward=fast, fast_attention=fast_attention)
     if as_json:
         print_json(result)
     else:

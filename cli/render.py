@@ -55,7 +55,8 @@ def bench_table(result: dict) -> Table:
     table = Table(title=f"gnr bench step: {result['model']} {result['img_size']} px, batch {result['batch_size']}, "
                         f"{result['dtype']}, {result['device']}, {peak}", title_justify="left",
                   caption=f"* compiled. ¹ written by non-matmul ops: MB per image, ops per step. "
-                          f"Memory: {result['memory']}.", caption_justify="left")
+                          f"Memory: {result['memory']}. Explicit double backward: {result.get('fast_layers') or 'off'}.",
+                  caption_justify="left")
     for col in ("method", "s/step", "×nat", "GFLOP/img", "FLOP×nat", "TFLOP/s", "MFU", "MiB", "MB/img¹",
                 "ops¹", "FD err"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")

@@ -51,6 +51,10 @@ class ModelConfig(Section):
     act: Activation = "keep"
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+    fast_double_backward: bool = Field(True, description="LayerNorm/GELU/BatchNorm2d with explicit, fused "
+                                       "double-backward levels (same numbers); false: autograd's own")
+    fast_attention: bool = Field(False, description="with fast_double_backward: timm Attention's SDPA too "
+                                 "(explicit levels, flash forward; not yet measured on GPU)")
 
 
 class ObjectiveConfig(Section):

@@ -17,6 +17,7 @@ from timm.layers import activations_me as timm_act_me
 from torch import nn
 
 from gnr.config import ModelConfig
+from gnr.doublegrad import use_fast_double_backward
 from gnr.errors import GnrError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,11 +83,16 @@ def swap_activations(model: nn.Module, act: str) -> int:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> tuple[Normalized, int]:
-    """The configured timm model, wrapped in :class:`Normalized`, and the number of swapped activations."""
+    """The configured timm model, wrapped in :class:`Normalized`, and the number of swapped activations.
+
+    ``gnr.doublegrad.fast_layer_counts(model)`` tells how many layers the fast double backward replaced.
+    """
     inner = _create(cfg, num_classes, img_size)
     if cfg.weights:
         load_weights(inner, cfg.weights)
     swapped = swap_activations(inner, cfg.act)
+    if cfg.fast_double_backward:
+        use_fast_double_backward(inner, attention=cfg.fast_attention)  # after the swap: its GELUs too
     pcfg = inner.pretrained_cfg
     return Normalized(inner, pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)), swapped
 

@@ -20,6 +20,7 @@ import torch
 from gnr import checkpoint, distributed, paths
 from gnr.config import RunConfig
 from gnr.data.loader import eval_loader, steps_per_epoch, train_loader, with_resolved_source
+from gnr.doublegrad import fast_layer_counts
 from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.scoring import clean_and_pgd_accuracy
@@ -362,7 +363,8 @@ def train(cfg: RunConfig, on_event: ProgressFn | None = None) -> RunResult:
         trainer.attach(run_id, tracker)
         trainer.resume()
         if tracker:
-            tracker.set_tags({"activations_replaced": trainer.replaced, "world_size": dist.world})
+            tracker.set_tags({"activations_replaced": trainer.replaced, "world_size": dist.world,
+                              **{f"fast_layers.{k}": n for k, n in fast_layer_counts(trainer.model).items()}})
         with StopRequested() as stop, system_metrics(run_id, cfg.tracking.uri, cfg, dist):
             status = trainer.run(stop)
         final = trainer.finish() if status == "FINISHED" else {}

@@ -25,6 +25,7 @@ import torch
 from gnr.bench.counter import CostCounter
 from gnr.config import RunConfig, validate
 from gnr.distributed import pick_device
+from gnr.doublegrad import fast_layer_counts
 from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import OBJECTIVES
@@ -68,11 +69,12 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_config(*, model: str, img_size: int, batch_size: int, method: str, act: str, device: str, amp: str,
-                 compile: bool) -> RunConfig:
+                 compile: bool, fast_double_backward: bool = True, fast_attention: bool = False) -> RunConfig:
     """The run configuration a user would train with, but for the benchmark's model and batch."""
     compile = compile and not OBJECTIVES[method].double_backward
     return validate({"data": {"num_classes": NUM_CLASSES, "img_size": img_size, "eval_resize": max(img_size, 256)},
-                     "model": {"name": model, "act": act}, "objective": {"method": method},
+                     "model": {"name": model, "act": act, "fast_double_backward": fast_double_backward,
+                               "fast_attention": fast_attention}, "objective": {"method": method},
                      "optim": {"batch_size": batch_size},
                      "runtime": {"device": device, "amp": amp, "compile": compile}})
 
@@ -92,7 +94,8 @@ def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress
 
 
 def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str], act: str, device: str,
-               amp: str, steps: int, warmup: int, compile: bool = False, peak: float | None = None) -> dict:
+               amp: str, steps: int, warmup: int, compile: bool = False, peak: float | None = None,
+               fast_double_backward: bool = True, fast_attention: bool = False) -> dict:
     unknown = [m for m in methods if m not in OBJECTIVES]
     if unknown or not methods:
         raise GnrError(f"unknown method '{unknown[0] if unknown else ''}' (known: {', '.join(OBJECTIVES)})")
@@ -106,7 +109,8 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
         raise GnrError("--peak-tflops must be > 0")
     dev = pick_device(device, 0)
     configs = {m: bench_config(model=model, img_size=img_size, batch_size=batch_size, method=m, act=act,
-                               device=device, amp=amp, compile=compile) for m in methods}
+                               device=device, amp=amp, compile=compile, fast_double_backward=fast_double_backward,
+                               fast_attention=fast_attention) for m in methods}
     torch.manual_seed(0)  # the same weights, batch and mixup draws on every run
     np.random.seed(0)
     net, swapped = build_model(configs[methods[0]].model, NUM_CLASSES, img_size)
@@ -162,7 +166,8 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
         row["flop_ratio_to_natural"] = row["flops"] / natural["flops"] if natural else None
     return {
         "model": model, "img_size": img_size, "batch_size": batch_size, "act": act,
-        "activations_swapped": swapped, "device": device_name(dev), "dtype": DTYPE_KEYS[dtype],
+        "activations_swapped": swapped, "fast_layers": fast_layer_counts(net), "device": device_name(dev),
+        "dtype": DTYPE_KEYS[dtype],
         "peak_tflops": peak_value, "peak_source": "--peak-tflops" if peak else ("datasheet" if peak_value else None),
         "memory": ("cuda max_memory_allocated over the timed steps" if dev.type == "cuda" else
                    "weights, optimizer state and EMA copy, plus the peak of the tensors alive in the counted step"),

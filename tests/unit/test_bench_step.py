@@ -8,6 +8,13 @@ from gnr.bench.step import peak_tflops
 from tests.conftest import assert_one_line_error, run_gnr
 
 
+def test_bench_step_measures_autograds_own_double_backward_on_request():
+    proc = run_gnr("bench", "step", "--model", "test_resnet", "--act", "gelu", "--img-size", "32", "--batch-size", "4",
+                   "--methods", "gradnorm", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                   "--no-fast-double-backward", "--json", check=True)
+    assert json.loads(proc.stdout)["fast_layers"] == {}
+
+
 def test_bench_step_json_reports_the_cost_of_every_method_on_a_tiny_model():
     proc = run_gnr("bench", "step", "--model", "test_resnet", "--act", "gelu", "--img-size", "32", "--batch-size", "8",
                    "--steps", "1", "--warmup", "1", "--device", "cpu", "--peak-tflops", "0.5", "--json", check=True)
@@ -18,6 +25,7 @@ def test_bench_step_json_reports_the_cost_of_every_method_on_a_tiny_model():
                                                           "adversarial": 8}
     assert result["dtype"] == "fp32" and result["torch"] and result["timm"] and result["device"]
     assert result["peak_tflops"] == 0.5 and result["peak_source"] == "--peak-tflops" and result["memory"]
+    assert result["fast_layers"] == {"BatchNorm2d": 15, "GELU": 12}  # test_resnet, its ReLUs swapped for GELU
     natural = methods["natural"]
     assert natural["ratio_to_natural"] == natural["flop_ratio_to_natural"] == 1.0
     for r in methods.values():

@@ -1,0 +1,146 @@
+"""Softmax attention with an explicit, first-order double backward.
+
+``S = s·Q·Kᵀ + B``, ``P = softmax(S)``, ``O = P·V``. Level 0 is torch's
+``scaled_dot_product_attention`` with every backend allowed (flash / memory-efficient where they
+apply: level 0 is never differentiated twice). Level 1, for ``G = ∂/∂O``:
+``dV = Pᵀ·G``, ``dP = G·Vᵀ``, ``dS = P∘(dP − δ)`` with ``δ = rowsum(P∘dP)``, ``dQ = s·dS·K``,
+``dK = s·dSᵀ·Q``, ``dB = dS``. Level 2, for cotangents ``A_Q, A_K, A_V, A_B`` of those: with
+``C = s(A_Q·Kᵀ + Q·A_Kᵀ) + A_B``, ``c = rowsum(C∘P)``, ``E = P∘(C − c)``,
+``C_P = C∘(dP − δ) − c∘dP + G·A_Vᵀ`` and ``C_S = P∘(C_P − rowsum(P∘C_P))``:
+``∂/∂G = P·A_V + E·V``, ``∂/∂V = Eᵀ·G``, ``∂/∂Q = s(dS·A_K + C_S·K)``, ``∂/∂K = s(dSᵀ·A_Q + C_Sᵀ·Q)``,
+``∂/∂B = C_S``. Matmuls run in the inputs' dtype, softmax and elementwise work in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from gnr.doublegrad.fused import fused, opmath
+
+
+def _levels(g, q, k, v, bias, scale):
+    """P, dP, δ, dS (fp32) for level 1 and level 2."""
+    logits = opmath(q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias
+    p = torch.softmax(logits, dim=-1)
+    dp = opmath(g @ v.transpose(-2, -1))
+    delta = (p * dp).sum(-1, keepdim=True)
+    return p, dp, delta, p * (dp - delta)
+
+
+@fused
+def attention_backward(g, q, k, v, bias, scale: float):
+    p, _, _, ds = _levels(g, q, k, v, bias, scale)
+    dsm = ds.to(q.dtype)
+    dq = (dsm @ k) * scale
+    dk = (dsm.transpose(-2, -1) @ q) * scale
+    dv = p.to(v.dtype).transpose(-2, -1) @ g
+    db = None if bias is None else ds.sum_to_size(bias.shape).to(bias.dtype)
+    return dq, dk, dv, db
+
+
+@fused
+def attention_double_backward(aq, ak, av, ab, g, q, k, v, bias, scale: float):
+    """Cotangents of (dQ, dK, dV, dB), each None when unused -> gradients w.r.t. (G, Q, K, V, B)."""
+    p, dp, delta, ds = _levels(g, q, k, v, bias, scale)
+    grad_g = torch.zeros_like(opmath(g))
+    grad_v = torch.zeros_like(opmath(v))
+    grad_q = torch.zeros_like(opmath(q))
+    grad_k = torch.zeros_like(opmath(k))
+    c = torch.zeros_like(p)
+    if aq is not None:
+        c = c + opmath(aq @ k.transpose(-2, -1)) * scale
+        grad_k = grad_k + opmath(ds.to(aq.dtype).transpose(-2, -1) @ aq) * scale
+    if ak is not None:
+        c = c + opmath(q @ ak.transpose(-2, -1)) * scale
+        grad_q = grad_q + opmath(ds.to(ak.dtype) @ ak) * scale
+    if ab is not None:
+        c = c + ab
+    rc = (c * p).sum(-1, keepdim=True)
+    e = p * (c - rc)
+    c_p = c * (dp - delta) - rc * dp
+    grad_g = grad_g + opmath(e.to(v.dtype) @ v)
+    grad_v = grad_v + opmath(e.to(g.dtype).transpose(-2, -1) @ g)
+    if av is not None:
+        c_p = c_p + opmath(g @ av.transpose(-2, -1))
+        grad_g = grad_g + opmath(p.to(av.dtype) @ av)
+    c_s = p * (c_p - (p * c_p).sum(-1, keepdim=True))
+    grad_q = grad_q + opmath(c_s.to(k.dtype) @ k) * scale
+    grad_k = grad_k + opmath(c_s.to(q.dtype).transpose(-2, -1) @ q) * scale
+    grad_b = None if bias is None else c_s.sum_to_size(bias.shape).to(bias.dtype)
+    return grad_g.to(g.dtype), grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_b
+
+
+class _AttentionBackward(Function):
+    @staticmethod
+    def forward(ctx, g, q, k, v, bias, scale):
+        ctx.save_for_backward(g, q, k, v, bias)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return attention_backward(g, q, k, v, bias, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, aq, ak, av, ab):
+        g, q, k, v, bias = ctx.saved_tensors
+        return *attention_double_backward(aq, ak, av, ab, g, q, k, v, bias, ctx.scale), None
+
+
+class _Attention(Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale = scale
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, bias = ctx.saved_tensors
+        dq, dk, dv, db = _AttentionBackward.apply(g, q, k, v, bias, ctx.scale)
+        return dq, dk, dv, db, None
+
+
+class _ExplicitSDPA(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to :class:`_Attention` where it applies: no dropout,
+    not causal, no GQA, and no mask or an additive float one; anything else runs as called."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            plain = (len(args) <= 4 and not kwargs.get("dropout_p", 0.0) and not kwargs.get("is_causal", False)
+                     and not kwargs.get("enable_gqa", False) and q.shape[-1] == v.shape[-1]
+                     and (mask is None or mask.is_floating_point()))
+            if plain:
+                scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+                return _Attention.apply(q, k, v, mask, scale)
+        return func(*args, **kwargs)
+
+
+def _only_math_allowed() -> bool:
+    """The caller forced the math SDPA kernel (``gnr.objectives.base.math_attention``): it is about to
+    differentiate twice. Elsewhere the fused kernels' own backward is the better first order."""
+    return not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                or torch.backends.cuda.cudnn_sdp_enabled())
+
+
+class FastAttention(TimmAttention):
+    """timm ``Attention`` whose ``scaled_dot_product_attention`` call gets an explicit double backward
+    in forwards that will be differentiated twice (math SDPA forced); other forwards are timm's."""
+
+    kind = "Attention"
+
+    def forward(self, *args, **kwargs):
+        if not _only_math_allowed():
+            return super().forward(*args, **kwargs)
+        with _ExplicitSDPA():
+            return super().forward(*args, **kwargs)
