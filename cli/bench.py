@@ -78,7 +78,7 @@ def eval_(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="Default: on CUDA."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (re-checked in fp32)."),
     project: bool = typer.Option(True, "--project/--no-project", help="Time --model and project its evaluation."),
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of the table."),
+    as_json: bool = JSON,
 ) -> None:
     """AutoAttack (standard, L∞) per attack and ε: seconds, forward / backward passes, images still robust;
     and the projected cost of a full evaluation of --model."""
