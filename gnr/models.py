@@ -106,10 +106,19 @@ def _create(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     # Models with a fixed input size (ViT, Swin, DeiT, ...) size their patch grid / windows from it.
     if timm.models.get_pretrained_cfg_value(cfg.name, "fixed_input_size"):
         kwargs.setdefault("img_size", img_size)
+    def create(**depth):
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **depth, **kwargs)
+
     try:
-        # timm drops None kwargs, so models without stochastic depth accept drop_path=0.
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
-                                 drop_path_rate=cfg.drop_path or None, **kwargs)
+        # The rate is passed even when 0: some models default to stochastic depth (Swin: 0.1) and must
+        # get what the config says. Models without stochastic depth (VGG) reject the argument; 0 is
+        # what they do anyway.
+        try:
+            return create(drop_path_rate=cfg.drop_path)
+        except TypeError as e:
+            if cfg.drop_path or "drop_path_rate" not in str(e):
+                raise
+            return create()
     except (OSError, RuntimeError) as e:  # hub unreachable (OSError), no weights published (RuntimeError)
         if not cfg.pretrained:
             raise

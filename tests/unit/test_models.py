@@ -103,3 +103,17 @@ def test_unwrap_strips_compile_wrapper():
     model = nn.Linear(2, 2)
     assert unwrap(torch.compile(model)) is model
     assert unwrap(model) is model
+
+
+def test_drop_path_zero_reaches_models_that_default_to_stochastic_depth():
+    """Swin defaults to drop_path_rate 0.1; model.drop_path=0 must switch it off, and a model
+    without stochastic depth (VGG) still builds."""
+    def rates(drop_path):
+        cfg = ModelConfig(name="swin_tiny_patch4_window7_224", drop_path=drop_path,
+                          kwargs={"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 1, 1)})
+        net, _ = build_model(cfg, 10, 224)
+        return [m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath"]
+
+    assert rates(0.0) == []  # timm builds Identity where the rate is 0
+    assert max(rates(0.2)) == pytest.approx(0.2)
+    build_model(ModelConfig(name="vgg11"), 10, 32)
