@@ -35,11 +35,18 @@ def no_tf32_convolutions():
                                       allow_tf32=False, fp32_precision=None, depthwise_kernel=None)
 
 
+def graph_kept_for_two_backwards():
+    """The forward at ``x`` is back-propagated twice (for ``d``, then with the loss). A compiled model
+    may otherwise free ("donate") saved buffers in its first backward; torch then refuses the
+    ``retain_graph`` call. Compilation and that first backward both happen inside this context."""
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
 class GradNormFD(Objective):
     passes = 5  # forward, input-only backward for d, forward at x + h·d, backward through both
 
     def __call__(self, model, x, y_soft, progress):
-        with torch.autocast(x.device.type, enabled=False), no_tf32_convolutions():
+        with torch.autocast(x.device.type, enabled=False), no_tf32_convolutions(), graph_kept_for_two_backwards():
             x = input_leaf(x.float())
             # Replay the RNG for the second forward: both points see the same dropout / drop-path
             # masks, otherwise the difference measures the masks, not the gradient.
