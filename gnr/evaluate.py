@@ -459,6 +459,9 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
     if dist.is_main:
         write_rows(rows, Path(result.csv_path))
         log_to_run(result, uri)
+    # Ranks tear the process group down together: a rank that exits while rank 0 still logs was seen
+    # aborting at exit ("terminate called without an active exception") under load.
+    distributed.barrier()
     return result
 
 
