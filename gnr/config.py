@@ -53,8 +53,9 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
     fast_double_backward: bool = Field(True, description="LayerNorm/GELU/BatchNorm2d with explicit, fused "
                                        "double-backward levels (same numbers); false: autograd's own")
-    fast_attention: bool = Field(False, description="with fast_double_backward: timm Attention's SDPA too "
-                                 "(explicit levels, flash forward; not yet measured on GPU)")
+    fast_attention: bool = Field(False, description="with fast_double_backward: the SDPA call of timm "
+                                 "Attention and Swin WindowAttention too (explicit levels, flash forward; "
+                                 "not yet measured on GPU)")
 
 
 class ObjectiveConfig(Section):

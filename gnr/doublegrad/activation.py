@@ -73,7 +73,14 @@ class _ActivationBackward(Function):
     @once_differentiable
     def backward(ctx, a):
         g, x = ctx.saved_tensors
-        return *activation_double_backward(a, g, x, ctx.act), None
+        # Elementwise, so level 2 runs on flat views in x's memory order: one compiled graph for
+        # every shape, rank and layout (a tensor laid out otherwise is copied into that order).
+        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+        flat = [t.permute(order).reshape(-1) for t in (a, g, x)]
+        shape = [x.shape[d] for d in order]
+        unflat = [order.index(d) for d in range(x.dim())]
+        grad_g, grad_x = (t.view(shape).permute(unflat) for t in activation_double_backward(*flat, ctx.act))
+        return grad_g, grad_x, None
 
 
 class _Activation(Function):

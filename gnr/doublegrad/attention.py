@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
+from timm.models.swin_transformer import WindowAttention
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,14 +134,30 @@ def _only_math_allowed() -> bool:
                 or torch.backends.cuda.cudnn_sdp_enabled())
 
 
-class FastAttention(TimmAttention):
-    """timm ``Attention`` whose ``scaled_dot_product_attention`` call gets an explicit double backward
-    in forwards that will be differentiated twice (math SDPA forced); other forwards are timm's."""
-
-    kind = "Attention"
+class _ExplicitWhenTwice:
+    """Mixin for a timm attention module with an SDPA branch (``fused_attn``): forwards that will be
+    differentiated twice (math SDPA forced) take that branch, whose SDPA call gets explicit levels;
+    other forwards are timm's, on whichever branch timm chose (Swin's default is the unfused one)."""
 
     def forward(self, *args, **kwargs):
         if not _only_math_allowed():
             return super().forward(*args, **kwargs)
-        with _ExplicitSDPA():
-            return super().forward(*args, **kwargs)
+        fused_attn, self.fused_attn = self.fused_attn, True
+        try:
+            with _ExplicitSDPA():
+                return super().forward(*args, **kwargs)
+        finally:
+            self.fused_attn = fused_attn
+
+
+class FastAttention(_ExplicitWhenTwice, TimmAttention):
+    """timm ``Attention`` (ViT, DeiT, ...)."""
+
+    kind = "Attention"
+
+
+class FastWindowAttention(_ExplicitWhenTwice, WindowAttention):
+    """timm Swin ``WindowAttention``: its relative-position bias (plus the shift mask) is the additive,
+    learned mask of the levels, so the bias table gets its gradient through ``∂/∂B``."""
+
+    kind = "WindowAttention"

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+COMPILE_ON = {"cuda"}  # device types whose kernels go through torch.compile (tests add "cpu")
+
 
 def fused(kernel: Callable) -> Callable:
     """Run ``kernel`` (a pure-torch function of tensors and constants) as one fused pass.
@@ -25,17 +27,20 @@ def fused(kernel: Callable) -> Callable:
         nonlocal compiled
         device = next(a for a in args if isinstance(a, torch.Tensor)).device
         with torch.autocast(device.type, enabled=False):
-            if device.type != "cuda" or torch.compiler.is_compiling():
+            if device.type not in COMPILE_ON or torch.compiler.is_compiling():
                 return kernel(*args)
+            # Detached: dynamo keeps a Parameter's shape static, and a static weight would pin every
+            # width (96, 192, ... in a Swin) into its own graph, past the recompile limit.
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             if compiled is None:
                 compiled = torch.compile(kernel, dynamic=True)
-                try:  # it compiles on this first call
-                    return compiled(*args)
-                except Exception as e:  # a compiler failure must not stop training: same numbers, unfused
-                    warnings.warn(f"gnr.doublegrad: torch.compile failed for {kernel.__name__} "
-                                  f"({type(e).__name__}: {e}); running it unfused")
-                    compiled = kernel
-            return compiled(*args)
+            try:  # it compiles on a first call and on a call with a new shape class
+                return compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as e:  # must not stop training: same numbers, unfused
+                warnings.warn(f"gnr.doublegrad: torch.compile failed for {kernel.__name__} "
+                              f"({type(e).__name__}: {e}); running it unfused")
+                compiled = kernel
+                return kernel(*args)
 
     run.eager = kernel
     return run

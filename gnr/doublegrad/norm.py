@@ -41,7 +41,16 @@ class Norm:
 
     @property
     def dims(self) -> tuple[int, ...]:
-        return (-1,) if self.kind == "layer" else (0, 2, 3)
+        """The reduction dims of :meth:`canonical` tensors."""
+        return (-1,) if self.kind == "layer" else (0, 2)
+
+    def canonical(self, t: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+        """``t`` as level 2 takes it: ``(rows, C)`` for LayerNorm, ``(N, C, H·W)`` for BatchNorm; a
+        view wherever the layout allows. One rank and one symbolic width per kind keep a compiled
+        level 2 to a graph or two per model instead of one per stage, rank and layout."""
+        if t is None:
+            return None
+        return t.reshape(-1, channels) if self.kind == "layer" else t.flatten(2)
 
 
 def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
@@ -89,12 +98,12 @@ def norm_double_backward(a, p, q, g, x, w, mean, rstd, dims: tuple[int, ...], ba
 
 
 def _stats_and_weight(norm: Norm, w, running_mean, running_var, mean, rstd):
-    """(w, μ, r) shaped to broadcast against x, as level 2 takes them."""
+    """(w, μ, r) shaped to broadcast against canonical x, as level 2 takes them."""
     if norm.kind == "layer":
-        return w, mean, rstd
+        return w, mean.reshape(-1, 1), rstd.reshape(-1, 1)
     if not norm.batch_stats:
         mean, rstd = running_mean, torch.rsqrt(running_var + norm.eps)
-    return w.view(1, -1, 1, 1), mean.view(1, -1, 1, 1), rstd.view(1, -1, 1, 1)
+    return w.view(1, -1, 1), mean.view(1, -1, 1), rstd.view(1, -1, 1)
 
 
 class _NormBackward(Function):
@@ -120,9 +129,10 @@ class _NormBackward(Function):
         norm = ctx.norm
         wb, mean, rstd = _stats_and_weight(norm, w, running_mean, running_var, mean, rstd)
         if norm.kind == "batch":
-            p, q = (None if t is None else t.view(1, -1, 1, 1) for t in (p, q))
-        grad_g, grad_x, grad_w = norm_double_backward(a, p, q, g, x, wb, mean, rstd, norm.dims, norm.batch_stats)
-        return grad_g, grad_x, grad_w.view_as(w), *none[3:]
+            p, q = (None if t is None else t.view(1, -1, 1) for t in (p, q))
+        a, g2, x2 = (norm.canonical(t, w.numel()) for t in (a, g, x))
+        grad_g, grad_x, grad_w = norm_double_backward(a, p, q, g2, x2, wb, mean, rstd, norm.dims, norm.batch_stats)
+        return grad_g.view(g.shape), grad_x.view(x.shape), grad_w.view_as(w), *none[3:]
 
 
 class _Norm(Function):

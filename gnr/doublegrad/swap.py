@@ -9,13 +9,14 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from gnr.doublegrad.activation import FastGELU, FastSiLU
-from gnr.doublegrad.attention import FastAttention
+from gnr.doublegrad.attention import FastAttention, FastWindowAttention
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
 
-FAST_TYPES = (FastAttention, FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
+FAST_TYPES = (FastAttention, FastWindowAttention, FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
 
 
 def _affine_last_dim(m: nn.LayerNorm) -> bool:
@@ -47,18 +48,20 @@ def fast_version(module: nn.Module, attention: bool = False) -> nn.Module | None
         return _adopt(FastLayerNorm2d, module)
     if kind is nn.BatchNorm2d and module.affine:
         return _adopt(FastBatchNorm2d, module)
-    if attention and kind is TimmAttention and module.fused_attn:  # the unfused path calls no SDPA
+    if attention and kind is TimmAttention:
         return _adopt(FastAttention, module)
+    if attention and kind is WindowAttention:
+        return _adopt(FastWindowAttention, module)
     return None
 
 
 def use_fast_double_backward(model: nn.Module, attention: bool = False) -> dict[str, int]:
     """Replace every supported layer of ``model`` in place; return how many of each kind.
 
-    ``attention`` adds timm's ``Attention``: exact, but whether it is faster on GPU than autograd's
-    math path is not yet measured, so it is opt-in (``model.fast_attention``).
-    Unsupported layers (other norms and activations, attention other than timm's ``Attention`` on
-    its SDPA path, e.g. Swin's window attention) keep today's autograd path.
+    ``attention`` adds timm's ``Attention`` and Swin's ``WindowAttention``: exact, but whether they
+    are faster on GPU than autograd's math path is not yet measured, so it is opt-in
+    (``model.fast_attention``). Unsupported layers (other norms and activations, attention off its
+    SDPA path) keep today's autograd path.
     """
     for parent in list(model.modules()):
         for name, child in parent.named_children():

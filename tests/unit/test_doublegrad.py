@@ -11,7 +11,7 @@ from timm.data import Mixup
 from torch import nn
 
 from gnr.config import ModelConfig, ObjectiveConfig
-from gnr.doublegrad import fast_layer_counts, use_fast_double_backward
+from gnr.doublegrad import fast_layer_counts, fused, use_fast_double_backward
 from gnr.doublegrad.activation import FastGELU, FastSiLU, activation_double_backward
 from gnr.doublegrad.attention import _ExplicitSDPA
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
@@ -26,6 +26,9 @@ MODELS = {  # name -> (config, img size, expected replacement counts)
             {"Attention": 6, "GELU": 6, "LayerNorm": 13}),
     "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
              {"GELU": 2, "LayerNorm": 7}),
+    "swin-attention": (ModelConfig(name="swin_tiny_patch4_window7_224", fast_attention=True,  # a shifted block
+                                   kwargs=TINY_SWIN | {"depths": (2, 1)}), IMG,
+                       {"GELU": 3, "LayerNorm": 9, "WindowAttention": 3}),
     "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
     "resnet18-gelu": (ModelConfig(name="resnet18", act="gelu"), IMG, {"BatchNorm2d": 20, "GELU": 17}),
     "resnet-silu": (ModelConfig(name="test_resnet", act="silu"), IMG, {"BatchNorm2d": 15, "SiLU": 12}),
@@ -112,8 +115,9 @@ def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
         dist.destroy_process_group()
 
 
-def test_attention_runs_timms_own_path_outside_double_backward():
-    cfg, img, _ = MODELS["vit"]
+@pytest.mark.parametrize("arch", ["vit", "swin-attention"])
+def test_attention_runs_timms_own_path_outside_double_backward(arch):
+    cfg, img, _ = MODELS[arch]
     reference, fast = model_pair(cfg, img)
     x = torch.rand(2, 3, img, img, dtype=torch.float64)
     assert "_AttentionBackward" not in graph_nodes(fast(x))
@@ -228,3 +232,51 @@ def test_compiled_levels_equal_their_eager_cpu_twins():
     for level, args in cases:
         for got, want in zip(torch.compile(level.eager)(*args), level(*args)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def compiled_graphs(level) -> int:
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(level.eager.__code__))
+
+
+@pytest.mark.parametrize("arch, channels_last", [("swin", False), ("convnext", True), ("resnet18-gelu", True)])
+def test_the_compiled_path_cuda_runs_is_exact_with_a_graph_or_two_per_kernel(arch, channels_last, monkeypatch):
+    """Everything CUDA runs, on CPU: level 2 through torch.compile (inductor's C++ backend here).
+
+    Every stage width, rank and layout shares a graph or two per kernel: a Swin used to need one
+    per stage and rank, past dynamo's recompile limit, after which level 2 silently ran unfused.
+    """
+    monkeypatch.setattr(fused, "COMPILE_ON", {"cpu"})
+    torch._dynamo.reset()
+    cfg, img, _ = MODELS[arch]
+    _, compiled = model_pair(cfg, img)
+    compiled.float()
+    eager = copy.deepcopy(compiled)
+    x, y = (t.float() for t in mixup_batch(img))
+    if channels_last:
+        compiled, eager, x = (t.to(memory_format=torch.channels_last) for t in (compiled, eager, x))
+    monkeypatch.setattr(fused, "COMPILE_ON", set())
+    expected_loss, expected = gradnorm_step(eager, eager, x, y)
+    monkeypatch.setattr(fused, "COMPILE_ON", {"cpu"})
+    for _ in range(2):  # a second step adds no graph
+        compiled.zero_grad(set_to_none=True)
+        loss, grads = gradnorm_step(compiled, compiled, x, y)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert 1 <= compiled_graphs(norm_double_backward) <= 2
+    assert compiled_graphs(activation_double_backward) <= 2
+
+
+def test_a_compiler_failure_warns_once_and_runs_the_same_numbers_unfused(monkeypatch, tmp_path):
+    """A broken toolchain (here: no C++ compiler for inductor) must not stop training."""
+    monkeypatch.setattr(fused, "COMPILE_ON", {"cpu"})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before is reused
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    torch._dynamo.reset()
+    level = fused.fused(activation_double_backward.eager)  # a fresh wrapper: it has not compiled yet
+    a, g, x = torch.randn(3, 2, 5, 5).unbind()
+    with pytest.warns(UserWarning, match="torch.compile failed for activation_double_backward"):
+        got = level(a, g, x, "gelu")
+    for got, want in zip(got, activation_double_backward.eager(a, g, x, "gelu")):
+        torch.testing.assert_close(got, want)
+    level(a, g, x, "gelu")  # unfused from now on, without another attempt or warning

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU figure issues 9 and 12 ask for, in one device call (each machine start costs minutes):
+#   bash ../shared/gpu/make-kit.sh        # here, once: .gpu-kit/ with what the GPU machine lacks
+#   device run (carry .gpu-kit):  bash scripts/gpu-cost.sh
+# For each model: `gnr bench step` before (autograd's double backward) and after (gnr/doublegrad),
+# natural, gradnorm, gradnorm-fd and PGD-3 in one process each; then a short demo training run and
+# `gnr bench eval` on it (fp32, then bf16 re-checked in fp32), projecting Swin-B's 5000 images.
+# Each measurement is a JSON file in $OUT, its log beside it; a failed or timed-out one is reported
+# and the rest go on. The summary at the end reads the JSON files (scripts/gpu_cost_summary.py).
+#   GNR_COST_SMOKE=1: the same sequence with tiny models on CPU, to check the script itself.
+set -uo pipefail
+OUT=${OUT:-gpu-cost}
+LIMIT=${GNR_COST_LIMIT:-240}                   # seconds per measurement at most
+DEADLINE=$((SECONDS + ${GNR_COST_BUDGET:-540}))  # all of them: a device command may run 600 s
+mkdir -p "$OUT"
+export GNR_HOME=${GNR_HOME:-$(mktemp -d)} MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+if [ -d .gpu-kit ] && ! python3 -c "import timm, pydantic, mlflow, webdataset, pyautoattack" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-kit/whl/*.whl \
+    || { echo "gpu-cost: installing .gpu-kit failed" >&2; exit 3; }
+  export PYTHONPATH=/tmp/site:$PWD/.gpu-kit/site:$PWD
+fi
+
+if [ "${GNR_COST_SMOKE:-0}" = 1 ]; then
+  DEVICE=cpu IMG=32 STEPS=1 WARMUP=0 EVAL_N=2 TRAIN_STEPS=4
+  MODELS=("test_vit 4 keep attn" "test_resnet 4 gelu -")
+  PROJECT=(--no-project)
+else
+  DEVICE=cuda IMG=224 STEPS=6 WARMUP=2 EVAL_N=64 TRAIN_STEPS=0
+  MODELS=("swin_base_patch4_window7_224 64 keep attn" "vit_base_patch16_224 64 keep attn" "resnet50 128 gelu -")
+  PROJECT=(--model swin_base_patch4_window7_224 --batch-size 256)
+fi
+
+measure() {  # NAME ARGS...: python3 -m gnr.cli.app ARGS --json > $OUT/NAME.json, within the budget
+  local name=$1; shift
+  local start=$SECONDS left=$((DEADLINE - SECONDS))
+  if [ $left -lt 30 ]; then echo "gpu-cost: $name skipped (budget spent)"; return 1; fi
+  timeout $((left < LIMIT ? left : LIMIT)) python3 -m gnr.cli.app "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.log"
+  local rc=$?
+  echo "gpu-cost: $name rc=$rc $((SECONDS - start))s"
+  [ $rc = 0 ] || rm -f "$OUT/$name.json"
+  return $rc
+}
+
+python3 -c "import torch; print('gpu-cost: torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+step_args() {  # MODEL BATCH ACT
+  echo bench step --model "$1" --img-size "$IMG" --batch-size "$2" --act "$3" --device "$DEVICE" \
+    --methods natural,gradnorm,gradnorm-fd,adversarial --steps "$STEPS" --warmup "$WARMUP"
+}
+# In order of what matters most, should the budget run out: before/after, AutoAttack, attention.
+for spec in "${MODELS[@]}"; do
+  read -r model batch act _ <<< "$spec"
+  measure "step-$model-before" $(step_args "$model" "$batch" "$act") --no-fast-double-backward
+  measure "step-$model-after" $(step_args "$model" "$batch" "$act")
+done
+
+train=(train gradnorm --set "runtime.device=$DEVICE")
+[ "$TRAIN_STEPS" != 0 ] && train+=(--max-steps "$TRAIN_STEPS")
+if measure train-demo "${train[@]}"; then
+  run=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['run_id'])" "$OUT/train-demo.json")
+  eval_args=(bench eval --run-id "$run" --n "$EVAL_N" --eps 1,4 --device "$DEVICE" "${PROJECT[@]}")
+  measure eval-fp32 "${eval_args[@]}"
+  measure eval-bf16 "${eval_args[@]}" --precision bf16
+fi
+
+for spec in "${MODELS[@]}"; do
+  read -r model batch act attn <<< "$spec"
+  [ "$attn" = attn ] && measure "step-$model-after-attention" $(step_args "$model" "$batch" "$act") --fast-attention
+done
+python3 "$(dirname "$0")/gpu_cost_summary.py" "$OUT"

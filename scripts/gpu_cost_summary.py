@@ -1,0 +1,62 @@
+"""Markdown tables from the JSON files scripts/gpu-cost.sh writes, with issue 9's and 12's targets.
+
+Usage: python3 scripts/gpu_cost_summary.py OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def step_rows(out: Path) -> list[str]:
+    lines = ["| model (batch) | variant | natural s/step (MFU) | gradnorm ×nat | FLOP ratio | target ≤1.1×FLOP "
+             "| gradnorm-fd ×nat (fd err) | PGD-3 ×nat | gradnorm / PGD-3 (≤0.62) | gradnorm peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = [(load(path), path.stem) for path in out.glob("step-*.json")]
+    order = ("before", "after", "after-attention")
+    runs = [(r, stem.removeprefix(f"step-{r['model']}-")) for r, stem in runs]
+    for r, variant in sorted(runs, key=lambda rv: (rv[0]["model"], order.index(rv[1]) if rv[1] in order else 9)):
+        m = r["methods"]
+        nat, gn, fd, adv = (m.get(k) for k in ("natural", "gradnorm", "gradnorm-fd", "adversarial"))
+        mfu = f" ({nat['mfu']:.1%})" if nat.get("mfu") else ""
+        ok = "yes" if gn["ratio_to_natural"] <= 1.1 * gn["flop_ratio_to_natural"] else "no"
+        lines.append(
+            f"| {r['model']} ({r['batch_size']}) | {variant} | {nat['sec_per_step']:.4f}{mfu} "
+            f"| {gn['ratio_to_natural']:.2f} | {gn['flop_ratio_to_natural']:.2f} | {ok} "
+            f"| {fd['ratio_to_natural']:.2f} ({fd.get('fd_rel_error', float('nan')):+.2%}) "
+            f"| {adv['ratio_to_natural']:.2f} | {gn['sec_per_step'] / adv['sec_per_step']:.2f} "
+            f"| {gn.get('peak_memory_mib', float('nan')):.0f} |")
+    return lines
+
+
+def eval_rows(out: Path) -> list[str]:
+    lines = ["| precision | ε | robust | attack: seconds, fwd/bwd per image, robust after | projected 5000 s "
+             "(s/image, ≤0.7) |", "|---|---|---|---|---|"]
+    for path in sorted(out.glob("eval-*.json")):
+        r = load(path)
+        for e in r["eps"]:
+            attacks = "; ".join(f"{a['attack']} {a['seconds']:.1f}s {a['forward_per_image']:.0f}/"
+                                f"{a['backward_per_image']:.0f} →{a['robust_after']}" for a in e["attacks"])
+            proj = e.get("projection")
+            projected = f"{proj['total_s']:.0f} ({proj['s_per_image_one_process']:.3f})" if proj else "-"
+            recheck = f" (re-check: {e['recheck']})" if e.get("recheck") else ""
+            lines.append(f"| {r['precision']}{recheck} | {e['eps_255']}/255 | {e['robust']}/{r['n']} "
+                         f"| {attacks} | {projected} |")
+    return lines
+
+
+def main(out: Path) -> None:
+    header = next((load(p) for p in sorted(out.glob("step-*.json"))), None)
+    if header:
+        print(f"device: {header['device']}, torch {header['torch']}, timm {header['timm']}, {header['dtype']}")
+    print("\n".join(step_rows(out)))
+    print()
+    print("\n".join(eval_rows(out)))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,38 @@
+"""scripts/gpu-cost.sh, the one device call that measures issues 9 and 12, runs end to end.
+
+A GPU session has minutes of device time and no network: a script that stops halfway costs a
+machine start. Here it runs its whole sequence on CPU with tiny models (GNR_COST_SMOKE=1): every
+`gnr bench step` before/after, the demo training run, `gnr bench eval` fp32 and bf16, the summary.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import BIN, ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_gpu_cost_script_runs_every_measurement_and_summarises_them(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(GNR_COST_SMOKE="1", OUT=str(out), GNR_HOME=str(tmp_path / "home"), PATH=f"{BIN}:{env['PATH']}")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-cost.sh")], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, proc.stdout
+    steps = ["step-test_vit-before", "step-test_vit-after", "step-test_vit-after-attention",
+             "step-test_resnet-before", "step-test_resnet-after"]
+    for name in [*steps, "train-demo", "eval-fp32", "eval-bf16"]:
+        assert f"gpu-cost: {name} rc=0 " in proc.stdout, proc.stdout
+        assert (out / f"{name}.json").is_file()
+    before, after = (json.loads((out / f"{s}.json").read_text()) for s in steps[:2])
+    assert before["fast_layers"] == {} and after["fast_layers"]["LayerNorm"] > 0
+    for name in steps:  # one table row per measurement, in the order the files sort
+        model, variant = name.removeprefix("step-").split("-", 1)
+        assert f"| {model} (4) | {variant} |" in proc.stdout
+    bf16 = json.loads((out / "eval-bf16.json").read_text())
+    assert [e["eps_255"] for e in bf16["eps"]] == [1.0, 4.0] and all("recheck" in e for e in bf16["eps"])
+    assert proc.stdout.count("| bf16 (re-check:") == 2 and proc.stdout.count("| fp32 |") == 2
