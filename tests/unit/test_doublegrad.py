@@ -271,11 +271,11 @@ def test_a_compiler_failure_warns_once_and_runs_the_same_numbers_unfused(monkeyp
     """A broken toolchain (here: no C++ compiler for inductor) must not stop training."""
     monkeypatch.setattr(fused, "COMPILE_ON", {"cpu"})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before is reused
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
     torch._dynamo.reset()
     level = fused.fused(activation_double_backward.eager)  # a fresh wrapper: it has not compiled yet
     a, g, x = torch.randn(3, 2, 5, 5).unbind()
-    with pytest.warns(UserWarning, match="torch.compile failed for activation_double_backward"):
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),)})
+    with no_compiler, pytest.warns(UserWarning, match="torch.compile failed for activation_double_backward"):
         got = level(a, g, x, "gelu")
     for got, want in zip(got, activation_double_backward.eager(a, g, x, "gelu")):
         torch.testing.assert_close(got, want)
