@@ -2,11 +2,12 @@
 # Every GPU figure issues 9 and 12 ask for, in one device call (each machine start costs minutes):
 #   bash ../shared/gpu/make-kit.sh        # here, once: .gpu-kit/ with what the GPU machine lacks
 #   device run (carry .gpu-kit):  bash scripts/gpu-cost.sh
-# For each model: `gnr bench step` before (autograd's double backward) and after (gnr/doublegrad),
-# natural, gradnorm, gradnorm-fd and PGD-3 in one process each; then a short demo training run and
-# `gnr bench eval` on it (fp32, then bf16 re-checked in fp32), projecting Swin-B's 5000 images.
-# Each measurement is a JSON file in $OUT, its log beside it; a failed or timed-out one is reported
-# and the rest go on. The summary at the end reads the JSON files (scripts/gpu_cost_summary.py).
+# In this order, so that a spent budget drops the least important: for each model, `gnr bench step`
+# before (autograd's double backward) and after (gnr/doublegrad), natural, gradnorm, gradnorm-fd and
+# PGD-3 in one process each; a short demo training run and `gnr bench eval` on it at ε = 4/255 (fp32,
+# then bf16 re-checked in fp32), projecting Swin-B's 5000 images; the `--fast-attention` variants.
+# Each measurement is a JSON file in $OUT, its log beside it; a failed, timed-out or skipped one is
+# reported and the rest go on. The summary at the end reads the JSON files (gpu_cost_summary.py).
 #   GNR_COST_SMOKE=1: the same sequence with tiny models on CPU, to check the script itself.
 set -uo pipefail
 OUT=${OUT:-gpu-cost}
@@ -17,8 +18,15 @@ export GNR_HOME=${GNR_HOME:-$(mktemp -d)} MLFLOW_DISABLE_TELEMETRY=true DO_NOT_T
 if [ -d .gpu-kit ] && ! python3 -c "import timm, pydantic, mlflow, webdataset, pyautoattack" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-kit/whl/*.whl \
     || { echo "gpu-cost: installing .gpu-kit failed" >&2; exit 3; }
-  export PYTHONPATH=/tmp/site:$PWD/.gpu-kit/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/.gpu-kit/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# This checkout's gnr, laid out as the wheel installs it (cli/ is gnr.cli), first on the path; python3 -P
+# keeps the checkout's own gnr/ (no cli/ inside) off the front of the path.
+layout=$(mktemp -d)
+mkdir "$layout/gnr" && ln -s "$PWD"/gnr/* "$layout/gnr/" && ln -s "$PWD/cli" "$layout/gnr/cli"
+export PYTHONPATH=$layout${PYTHONPATH:+:$PYTHONPATH}
+python3 -P -c "import gnr.cli.app, sys; assert gnr.cli.app.__file__.startswith(sys.argv[1])" "$layout/" \
+  || { echo "gpu-cost: cannot import this checkout's gnr" >&2; exit 3; }
 
 if [ "${GNR_COST_SMOKE:-0}" = 1 ]; then
   DEVICE=cpu IMG=32 STEPS=1 WARMUP=0 EVAL_N=2 TRAIN_STEPS=4
@@ -30,11 +38,11 @@ else
   PROJECT=(--model swin_base_patch4_window7_224 --batch-size 256)
 fi
 
-measure() {  # NAME ARGS...: python3 -m gnr.cli.app ARGS --json > $OUT/NAME.json, within the budget
+measure() {  # NAME ARGS...: gnr ARGS --json > $OUT/NAME.json, within the budget
   local name=$1; shift
   local start=$SECONDS left=$((DEADLINE - SECONDS))
   if [ $left -lt 30 ]; then echo "gpu-cost: $name skipped (budget spent)"; return 1; fi
-  timeout $((left < LIMIT ? left : LIMIT)) python3 -m gnr.cli.app "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.log"
+  timeout $((left < LIMIT ? left : LIMIT)) python3 -P -m gnr.cli.app "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.log"
   local rc=$?
   echo "gpu-cost: $name rc=$rc $((SECONDS - start))s"
   [ $rc = 0 ] || rm -f "$OUT/$name.json"
@@ -57,7 +65,7 @@ train=(train gradnorm --set "runtime.device=$DEVICE")
 [ "$TRAIN_STEPS" != 0 ] && train+=(--max-steps "$TRAIN_STEPS")
 if measure train-demo "${train[@]}"; then
   run=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['run_id'])" "$OUT/train-demo.json")
-  eval_args=(bench eval --run-id "$run" --n "$EVAL_N" --eps 1,4 --device "$DEVICE" "${PROJECT[@]}")
+  eval_args=(bench eval --run-id "$run" --n "$EVAL_N" --eps 4 --device "$DEVICE" "${PROJECT[@]}")
   measure eval-fp32 "${eval_args[@]}"
   measure eval-bf16 "${eval_args[@]}" --precision bf16
 fi

@@ -34,5 +34,5 @@ def test_the_gpu_cost_script_runs_every_measurement_and_summarises_them(tmp_path
         model, variant = name.removeprefix("step-").split("-", 1)
         assert f"| {model} (4) | {variant} |" in proc.stdout
     bf16 = json.loads((out / "eval-bf16.json").read_text())
-    assert [e["eps_255"] for e in bf16["eps"]] == [1.0, 4.0] and all("recheck" in e for e in bf16["eps"])
-    assert proc.stdout.count("| bf16 (re-check:") == 2 and proc.stdout.count("| fp32 |") == 2
+    assert [e["eps_255"] for e in bf16["eps"]] == [4.0] and "recheck" in bf16["eps"][0]
+    assert proc.stdout.count("| bf16 (re-check:") == 1 and proc.stdout.count("| fp32 |") == 1
