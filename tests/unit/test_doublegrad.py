@@ -125,11 +125,12 @@ def test_attention_runs_timms_own_path_outside_double_backward(arch):
         assert "_AttentionBackward" in graph_nodes(fast(x))
 
 
-@pytest.mark.parametrize("arch", ["convnext", "resnet18-gelu"])
+@pytest.mark.parametrize("arch", ["convnext", "resnet18-gelu", "swin-attention"])
 def test_swapped_state_dict_loads_into_plain_timm_and_gives_the_same_logits(arch):
     cfg, img, _ = MODELS[arch]
     fast, _ = build_model(cfg, CLASSES, img)
-    plain = timm.create_model(cfg.name, num_classes=CLASSES)
+    size = {"img_size": img} if "swin" in cfg.name else {}
+    plain = timm.create_model(cfg.name, num_classes=CLASSES, **size, **cfg.kwargs)
     swap_activations(plain, cfg.act)
     plain.load_state_dict(fast.inner.state_dict(), strict=True)
     x = torch.rand(2, 3, img, img)
