@@ -49,6 +49,16 @@ def eval_rows(out: Path) -> list[str]:
     return lines
 
 
+# Log lines that mean a fused level 2 ran unfused for some shapes: the "after" timing is then not
+# the fast path's (gnr/doublegrad/fused.py warns on a compiler failure, dynamo on its recompile limit).
+UNFUSED = ("running it unfused", "recompile_limit")
+
+
+def unfused_warnings(out: Path) -> list[str]:
+    return [f"WARNING {log.name}: {line.strip()}" for log in sorted(out.glob("*.log"))
+            for line in log.read_text(errors="replace").splitlines() if any(u in line for u in UNFUSED)]
+
+
 def main(out: Path) -> None:
     header = next((load(p) for p in sorted(out.glob("step-*.json"))), None)
     if header:
@@ -56,6 +66,7 @@ def main(out: Path) -> None:
     print("\n".join(step_rows(out)))
     print()
     print("\n".join(eval_rows(out)))
+    print("\n".join(unfused_warnings(out)) or "no level-2 kernel ran unfused")
 
 
 if __name__ == "__main__":
