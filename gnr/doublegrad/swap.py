@@ -60,8 +60,8 @@ def use_fast_double_backward(model: nn.Module, attention: bool = False) -> dict[
 
     ``attention`` adds timm's ``Attention`` and Swin's ``WindowAttention``: exact, but whether they
     are faster on GPU than autograd's math path is not yet measured, so it is opt-in
-    (``model.fast_attention``). Unsupported layers (other norms and activations, attention off its
-    SDPA path) keep today's autograd path.
+    (``model.fast_attention``). Unsupported layers (other norms, activations and attention modules)
+    keep today's autograd path.
     """
     for parent in list(model.modules()):
         for name, child in parent.named_children():
