@@ -5,8 +5,8 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import JSON, console, parse_csv, print_json
-from gnr.cli.render import bench_table, loader_table
+from gnr.cli.common import JSON, parse_csv, show
+from gnr.cli.render import bench_table, eval_bench_table, loader_table
 
 app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step, AutoAttack cost.",
                   no_args_is_help=True)
@@ -25,10 +25,7 @@ def loader(
     from gnr.bench.loader import bench_loader
 
     result = bench_loader(data, batch_size=batch_size, workers=workers, img_size=img_size, batches=batches)
-    if as_json:
-        print_json(result)
-    else:
-        console.print(loader_table(result))
+    show(result, loader_table, as_json)
 
 
 @app.command("step")
@@ -56,10 +53,7 @@ def step(
     result = bench_step(model=model, img_size=img_size, batch_size=batch_size, methods=parse_csv(methods),
                         act=act, device=device, amp=amp, steps=steps, warmup=warmup, compile=compile,
                         peak=peak_tflops, fast_double_backward=fast, fast_attention=fast_attention)
-    if as_json:
-        print_json(result)
-    else:
-        console.print(bench_table(result))
+    show(result, bench_table, as_json)
 
 
 @app.command("eval")
@@ -88,10 +82,4 @@ def eval_(
     result = bench_eval(run_id, uri=tracking_uri, weights=weights, n=n, eps=parse_eps(parse_csv(eps)), model=model,
                         img_size=img_size, batch_size=batch_size, images=images, world=world, device=device,
                         compile=compile, precision=precision, project=project)
-    if as_json:
-        print_json(result)
-    else:
-        from gnr.cli.common import console
-        from gnr.cli.render import eval_bench_table
-
-        console.print(eval_bench_table(result))
+    show(result, eval_bench_table, as_json)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -20,6 +21,14 @@ def print_json(payload: Any) -> None:
     """Machine-readable output goes to stdout alone, so `gnr ... --json | jq` works."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def show(result: Any, table: Callable[[Any], Any], as_json: bool) -> None:
+    """``result`` as JSON on stdout with ``--json``, else as the rich renderable ``table(result)``."""
+    if as_json:
+        print_json(result)
+    else:
+        console.print(table(result))
 
 
 def parse_csv(text: str | None) -> list[str]:

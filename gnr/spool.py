@@ -24,8 +24,14 @@ class Spool:
 
     def append(self, op: dict) -> None:
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(op) + "\n")
+            with open(self.path, "a+b") as f:
+                # A process killed mid-append left a line without its newline: end it first, so this
+                # call does not merge into it (read() then skips only the torn, never-acknowledged one).
+                torn = False
+                if f.seek(0, os.SEEK_END):
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+                f.write((("\n" if torn else "") + json.dumps(op) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
@@ -38,7 +44,7 @@ class Spool:
         for line in self.path.read_text().splitlines():
             try:
                 ops.append(json.loads(line))
-            except ValueError:  # the last line of a process killed mid-append
+            except ValueError:  # a line torn by a process killed mid-append: its call was never done
                 continue
         return ops
 

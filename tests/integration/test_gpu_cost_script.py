@@ -37,3 +37,8 @@ def test_the_gpu_cost_script_runs_every_measurement_and_summarises_them(tmp_path
     assert [e["eps_255"] for e in bf16["eps"]] == [4.0] and "recheck" in bf16["eps"][0]
     assert proc.stdout.count("| bf16 (re-check:") == 1 and proc.stdout.count("| fp32 |") == 1
     assert proc.stdout.rstrip().endswith("no level-2 kernel ran unfused")  # CPU runs level 2 eagerly by design
+    # On a GPU, a level 2 that fell back to eager would make "after" a timing of the wrong path: flagged.
+    (out / "step-test_vit-after.log").write_text("W1126 torch._dynamo hit config.recompile_limit (8)\n")
+    summary = subprocess.run([str(BIN / "python"), str(ROOT / "scripts" / "gpu_cost_summary.py"), str(out)],
+                             capture_output=True, text=True, check=True).stdout
+    assert summary.rstrip().endswith("WARNING step-test_vit-after.log: W1126 torch._dynamo hit config.recompile_limit (8)")
