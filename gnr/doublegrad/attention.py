@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from gnr.doublegrad.fused import fused, opmath
+from gnr.doublegrad.twice import is_differentiated_twice
 
 
 def _levels(g, q, k, v, bias, scale):
@@ -127,20 +128,13 @@ class _ExplicitSDPA(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _only_math_allowed() -> bool:
-    """The caller forced the math SDPA kernel (``gnr.objectives.base.math_attention``): it is about to
-    differentiate twice. Elsewhere the fused kernels' own backward is the better first order."""
-    return not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
-                or torch.backends.cuda.cudnn_sdp_enabled())
-
-
 class _ExplicitWhenTwice:
     """Mixin for a timm attention module with an SDPA branch (``fused_attn``): forwards that will be
-    differentiated twice (math SDPA forced) take that branch, whose SDPA call gets explicit levels;
-    other forwards are timm's, on whichever branch timm chose (Swin's default is the unfused one)."""
+    differentiated twice take that branch, whose SDPA call gets explicit levels; other forwards are
+    timm's, on whichever branch timm chose (Swin's default is the unfused one)."""
 
     def forward(self, *args, **kwargs):
-        if not _only_math_allowed():
+        if not is_differentiated_twice():
             return super().forward(*args, **kwargs)
         fused_attn, self.fused_attn = self.fused_attn, True
         try:

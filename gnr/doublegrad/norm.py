@@ -28,6 +28,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from gnr.doublegrad.engine import remember_inputs, tracked, used_gradients
 from gnr.doublegrad.fused import fused, opmath
 
 
@@ -106,23 +107,31 @@ def _stats_and_weight(norm: Norm, w, running_mean, running_var, mean, rstd):
     return w.view(1, -1, 1), mean.view(1, -1, 1), rstd.view(1, -1, 1)
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class _NormBackward(Function):
-    """Level 1: torch's native backward (dx, dw, db); its own backward is the hand-derived level 2."""
+    """Level 1: torch's native backward (dx, dw, db; those the pass uses); its own backward is the
+    hand-derived level 2."""
 
     @staticmethod
-    def forward(ctx, g, x, w, b, running_mean, running_var, mean, rstd, norm):
+    def forward(ctx, g, x, w, b, running_mean, running_var, mean, rstd, norm, mask):
         ctx.save_for_backward(g, x, w, running_mean, running_var, mean, rstd)
         ctx.norm = norm
         ctx.set_materialize_grads(False)
-        if norm.kind == "layer":
-            return torch.ops.aten.native_layer_norm_backward(g, x, w.shape, mean, rstd, w, b, [True] * 3)
-        return torch.ops.aten.native_batch_norm_backward(g, x, w, running_mean, running_var, mean, rstd,
-                                                         norm.batch_stats, norm.eps, [True] * 3)
+        if norm.kind == "batch":  # CUDA takes half inputs with fp32 weights and statistics; g has x's dtype
+            return torch.ops.aten.native_batch_norm_backward(g, x, w, running_mean, running_var, mean, rstd,
+                                                             norm.batch_stats, norm.eps, list(mask))
+        c = torch.promote_types(x.dtype, w.dtype)  # CUDA's kernel takes one dtype for all four
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(g.to(c), x.to(c), w.shape, mean, rstd, w.to(c),
+                                                               b.to(c), list(mask))
+        return _cast(dx, x.dtype), _cast(dw, w.dtype), _cast(db, b.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, p, q):
-        none = (None,) * 9
+        none = (None,) * 10
         if a is None and p is None and q is None:
             return none
         g, x, w, running_mean, running_var, mean, rstd = ctx.saved_tensors
@@ -136,12 +145,21 @@ class _NormBackward(Function):
 
 
 class _Norm(Function):
-    """Level 0: torch's native forward (BatchNorm updates its running statistics in place, as in torch)."""
+    """Level 0: torch's native forward (BatchNorm updates its running statistics in place, as in torch).
+
+    LayerNorm runs in the wider of the input's and the weight's dtype, as autocast runs
+    ``layer_norm`` (fp32 for a bf16 input and fp32 weights), and returns ``out_dtype`` (default: that
+    dtype); the casts happen inside, so none is recorded and replayed in the double backward.
+    BatchNorm runs in the input's dtype with fp32 or same-dtype weights, as torch does.
+    """
 
     @staticmethod
-    def forward(ctx, x, w, b, running_mean, running_var, momentum, norm):
+    def forward(ctx, x, w, b, running_mean, running_var, momentum, norm, out_dtype):
+        remember_inputs(ctx, x, w, b, running_mean, running_var, momentum, norm, out_dtype)
         if norm.kind == "layer":
-            y, mean, rstd = torch.native_layer_norm(x, w.shape, w, b, norm.eps)
+            c = torch.promote_types(x.dtype, w.dtype)
+            y, mean, rstd = torch.native_layer_norm(x.to(c), w.shape, w.to(c), b.to(c), norm.eps)
+            y = y.to(out_dtype or c)
         else:
             y, mean, rstd = torch.native_batch_norm(x, w, b, running_mean, running_var, norm.batch_stats,
                                                     momentum, norm.eps)
@@ -152,27 +170,40 @@ class _Norm(Function):
     @staticmethod
     def backward(ctx, g):
         x, w, b, running_mean, running_var, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _NormBackward.apply(g, x, w, b, running_mean, running_var, mean, rstd, ctx.norm)
-        return dx, dw, db, None, None, None, None
+        mask = used_gradients(ctx)[:3]
+        dx, dw, db = _NormBackward.apply(g, x, w, b, running_mean, running_var, mean, rstd, ctx.norm, mask)
+        return dx, dw, db, None, None, None, None, None
 
 
 class FastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` / timm ``LayerNorm`` over the last dim (affine), explicit double backward."""
+    """``nn.LayerNorm`` / timm ``LayerNorm`` over the last dim (affine), explicit double backward.
+
+    ``feeds_matmul``: the output only goes, through reshapes and window shuffles, into a Linear or
+    convolution, which autocast runs in its lower precision. Under autocast such a norm returns that
+    dtype itself: the same numbers (the cast only moves earlier), and a Swin's roll, pad and window
+    partition move half the bytes. Other norms return fp32, as autocast's ``layer_norm``.
+    """
 
     kind = "LayerNorm"
+    feeds_matmul = False
+
+    def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if self.feeds_matmul and torch.is_autocast_enabled(device) else None
+        return _Norm.apply(x, tracked(self.weight), tracked(self.bias), None, None, 0.0, Norm("layer", self.eps),
+                           out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Norm.apply(x, self.weight, self.bias, None, None, 0.0, Norm("layer", self.eps))
+        return self._layer_norm(x)
 
 
-class FastLayerNorm2d(nn.LayerNorm):
+class FastLayerNorm2d(FastLayerNorm):
     """timm ``LayerNorm2d`` (channels of NCHW, through the same NHWC permute timm uses)."""
 
     kind = "LayerNorm2d"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Norm.apply(x.permute(0, 2, 3, 1), self.weight, self.bias, None, None, 0.0, Norm("layer", self.eps))
-        return y.permute(0, 3, 1, 2)
+        return self._layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class FastBatchNorm2d(nn.BatchNorm2d):
@@ -195,5 +226,5 @@ class FastBatchNorm2d(nn.BatchNorm2d):
         if batch_stats:
             nn.functional._verify_batch_size(x.size())
         track = not self.training or self.track_running_stats
-        return _Norm.apply(x, self.weight, self.bias, self.running_mean if track else None,
-                           self.running_var if track else None, momentum, Norm("batch", self.eps, batch_stats))
+        return _Norm.apply(x, tracked(self.weight), tracked(self.bias), self.running_mean if track else None,
+                           self.running_var if track else None, momentum, Norm("batch", self.eps, batch_stats), None)

@@ -9,14 +9,22 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
-from timm.models.swin_transformer import WindowAttention
+from timm.models.convnext import ConvNeXtBlock
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 from gnr.doublegrad.activation import FastGELU, FastSiLU
 from gnr.doublegrad.attention import FastAttention, FastWindowAttention
+from gnr.doublegrad.conv import FastConv2d
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d
 
-FAST_TYPES = (FastAttention, FastWindowAttention, FastGELU, FastSiLU, FastLayerNorm, FastLayerNorm2d, FastBatchNorm2d)
+FAST_TYPES = (FastAttention, FastWindowAttention, FastConv2d, FastGELU, FastSiLU, FastLayerNorm, FastBatchNorm2d)
+
+# timm blocks whose named norms feed only a Linear or convolution (pre-norm branches, patch merging):
+# those return autocast's lower precision themselves (FastLayerNorm.feeds_matmul).
+NORMS_FEEDING_MATMULS = {VitBlock: ("norm1", "norm2"), SwinTransformerBlock: ("norm1", "norm2"),
+                         PatchMerging: ("norm",), ConvNeXtBlock: ("norm",)}
 
 
 def _affine_last_dim(m: nn.LayerNorm) -> bool:
@@ -48,6 +56,8 @@ def fast_version(module: nn.Module, attention: bool = False) -> nn.Module | None
         return _adopt(FastLayerNorm2d, module)
     if kind is nn.BatchNorm2d and module.affine:
         return _adopt(FastBatchNorm2d, module)
+    if kind is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return _adopt(FastConv2d, module)
     if attention and kind is TimmAttention:
         return _adopt(FastAttention, module)
     if attention and kind is WindowAttention:
@@ -68,6 +78,10 @@ def use_fast_double_backward(model: nn.Module, attention: bool = False) -> dict[
             fast = fast_version(child, attention)
             if fast is not None:
                 setattr(parent, name, fast)
+        for name in NORMS_FEEDING_MATMULS.get(type(parent), ()):
+            norm = getattr(parent, name, None)
+            if isinstance(norm, FastLayerNorm):
+                norm.feeds_matmul = True
     return fast_layer_counts(model)
 
 

@@ -1,4 +1,4 @@
-"""What every objective shares: the call shape, the soft-target CE, ramps, the attention switch.
+"""What every objective shares: the call shape, the soft-target CE, ramps.
 
 An objective is called as ``objective(model, x, y_soft, progress) -> (loss, parts)``:
 
@@ -14,12 +14,10 @@ loss's device (no ``.item()``, so no device sync per step), keyed among ``ce``, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnr.config import ObjectiveConfig
 
@@ -48,12 +46,6 @@ class Objective(ABC):
 def linear_ramp(progress: float, epochs: float) -> float:
     """0 at the start, 1 after ``epochs`` (immediately 1 when ``epochs`` is 0)."""
     return 1.0 if epochs <= 0 else min(1.0, progress / epochs)
-
-
-def math_attention() -> AbstractContextManager:
-    """Force the math SDPA kernel for the forward passes inside: the fused kernels (flash,
-    memory-efficient, the CPU flash path) have no double backward; the math one does."""
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def input_leaf(x: torch.Tensor) -> torch.Tensor:

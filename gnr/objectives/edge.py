@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gnr.objectives.base import Objective, detached_parts, input_leaf, math_attention, soft_ce
+from gnr.doublegrad import differentiated_twice
+from gnr.objectives.base import Objective, detached_parts, input_leaf, soft_ce
 
 GAUSS_SIGMA, GAUSS_TAPS = 1.0, 7
 DERIVATIVE = torch.tensor([[-0.5, 0.0, 0.5], [-1.0, 0.0, 1.0], [-0.5, 0.0, 0.5]])
@@ -55,7 +56,7 @@ class Edge(Objective):
     def __call__(self, model, x, y_soft, progress):
         cfg = self.cfg
         x = input_leaf(x)
-        with math_attention():
+        with differentiated_twice():
             logits = model(x)
             ce = soft_ce(logits, y_soft)
             probs = torch.softmax(logits.detach().float() / cfg.edge_temperature, dim=1)

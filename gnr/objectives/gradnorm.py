@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from gnr.config import ObjectiveConfig
-from gnr.objectives.base import Objective, detached_parts, input_leaf, linear_ramp, math_attention, soft_ce
+from gnr.doublegrad import differentiated_twice
+from gnr.objectives.base import Objective, detached_parts, input_leaf, linear_ramp, soft_ce
 
 
 def penalised(cfg: ObjectiveConfig, ce: torch.Tensor, grad_l1: torch.Tensor,
@@ -28,7 +29,7 @@ class GradNorm(Objective):
 
     def __call__(self, model, x, y_soft, progress):
         x = input_leaf(x)
-        with math_attention():
+        with differentiated_twice():
             ce = soft_ce(model(x), y_soft)
             (grad,) = torch.autograd.grad(ce, x, create_graph=True)
         # The gradient of the batch-mean CE is ∇_x ℓ_i / B per sample, so the mean over the batch of

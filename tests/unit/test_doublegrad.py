@@ -11,27 +11,26 @@ from timm.data import Mixup
 from torch import nn
 
 from gnr.config import ModelConfig, ObjectiveConfig
-from gnr.doublegrad import fast_layer_counts, fused, use_fast_double_backward
+from gnr.doublegrad import differentiated_twice, fast_layer_counts, fused, use_fast_double_backward
 from gnr.doublegrad.activation import FastGELU, FastSiLU, activation_double_backward
 from gnr.doublegrad.attention import _ExplicitSDPA
 from gnr.doublegrad.norm import FastBatchNorm2d, FastLayerNorm, FastLayerNorm2d, norm_double_backward
 from gnr.models import build_model, swap_activations
 from gnr.objectives import build_objective
-from gnr.objectives.base import math_attention
 
 CLASSES, IMG, BATCH = 10, 32, 4
 TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
 MODELS = {  # name -> (config, img size, expected replacement counts)
     "vit": (ModelConfig(name="test_vit", fast_attention=True), IMG,  # 6 blocks
-            {"Attention": 6, "GELU": 6, "LayerNorm": 13}),
+            {"Attention": 6, "Conv2d": 1, "GELU": 6, "LayerNorm": 13}),
     "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
-             {"GELU": 2, "LayerNorm": 7}),
+             {"Conv2d": 1, "GELU": 2, "LayerNorm": 7}),
     "swin-attention": (ModelConfig(name="swin_tiny_patch4_window7_224", fast_attention=True,  # a shifted block
                                    kwargs=TINY_SWIN | {"depths": (2, 1)}), IMG,
-                       {"GELU": 3, "LayerNorm": 9, "WindowAttention": 3}),
-    "convnext": (ModelConfig(name="test_convnext"), IMG, {"GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
-    "resnet18-gelu": (ModelConfig(name="resnet18", act="gelu"), IMG, {"BatchNorm2d": 20, "GELU": 17}),
-    "resnet-silu": (ModelConfig(name="test_resnet", act="silu"), IMG, {"BatchNorm2d": 15, "SiLU": 12}),
+                       {"Conv2d": 1, "GELU": 3, "LayerNorm": 9, "WindowAttention": 3}),
+    "convnext": (ModelConfig(name="test_convnext"), IMG, {"Conv2d": 13, "GELU": 9, "LayerNorm": 9, "LayerNorm2d": 5}),  # GELUTanh
+    "resnet18-gelu": (ModelConfig(name="resnet18", act="gelu"), IMG, {"BatchNorm2d": 20, "Conv2d": 20, "GELU": 17}),
+    "resnet-silu": (ModelConfig(name="test_resnet", act="silu"), IMG, {"BatchNorm2d": 15, "Conv2d": 15, "SiLU": 12}),
 }
 # fp64 throughout: the two paths differ only by rounding, far below these tolerances.
 TOL = dict(rtol=1e-7, atol=1e-12)
@@ -104,6 +103,36 @@ def test_under_bf16_autocast_fast_layers_are_as_accurate_as_the_reference(arch):
     assert fast_loss <= 1.1 * ref_loss + 1e-4 and fast_grad <= 1.1 * ref_grad + 1e-3
 
 
+@pytest.mark.parametrize("arch", ["swin", "vit", "convnext", "resnet18-gelu"])
+def test_under_bf16_autocast_a_first_order_step_is_cuda_autocasts_to_the_bit(arch, monkeypatch):
+    """Logits and every gradient of a natural step equal timm's under CUDA's autocast policy, which
+    runs layer_norm in fp32 (CPU's autocast does not: the reference gets that policy patched in).
+    Norms that feed a matmul return bf16 themselves; the cast only moves earlier."""
+    cfg, img, _ = MODELS[arch]
+    reference, fast = (m.float() for m in model_pair(cfg, img))
+    x, y = (t.float() for t in mixup_batch(img))
+    layer_norm = F.layer_norm
+
+    def cuda_autocast_layer_norm(x, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return layer_norm(x.float(), *args, **kwargs)
+
+    def natural_step(model):
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        (logits.float().log_softmax(1) * -y).sum(1).mean().backward()
+        return logits, {n: p.grad for n, p in model.named_parameters()}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "layer_norm", cuda_autocast_layer_norm)
+        expected_logits, expected = natural_step(reference)
+    logits, grads = natural_step(fast)
+    assert torch.equal(logits, expected_logits)
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected[name]), name
+
+
 def test_gradnorm_through_ddp_equals_the_reference(tmp_path):
     cfg, img, _ = MODELS["resnet18-gelu"]
     reference, fast = model_pair(cfg, img)
@@ -121,7 +150,7 @@ def test_attention_runs_timms_own_path_outside_double_backward(arch):
     reference, fast = model_pair(cfg, img)
     x = torch.rand(2, 3, img, img, dtype=torch.float64)
     assert "_AttentionBackward" not in graph_nodes(fast(x))
-    with math_attention():
+    with differentiated_twice():
         assert "_AttentionBackward" in graph_nodes(fast(x))
 
 
@@ -154,7 +183,8 @@ def test_swap_shares_parameters_and_leaves_unsupported_layers_alone():
 
 @pytest.mark.parametrize("layer", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LayerNorm(6),
                                    nn.BatchNorm2d(3).train(), nn.BatchNorm2d(3).eval(),
-                                   timm.layers.Attention(6, num_heads=2)], ids=str)
+                                   timm.layers.Attention(6, num_heads=2), nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                                   nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3, bias=False)], ids=str)
 def test_every_level_is_exact_against_finite_differences(layer):
     """gradcheck / gradgradcheck in fp64: levels 1 and 2 against finite differences of levels 0 and 1."""
     torch.manual_seed(0)
@@ -162,18 +192,19 @@ def test_every_level_is_exact_against_finite_differences(layer):
     assert sum(use_fast_double_backward(holder, attention=True).values()) == 1
     layer = holder[0]
     for name in ("weight", "bias"):
-        if hasattr(layer, name):
+        if getattr(layer, name, None) is not None:
             getattr(layer, name).data.normal_()
     if isinstance(layer, nn.BatchNorm2d):
         layer.momentum = 0.0  # gradcheck calls it many times: keep the running statistics where they are
         layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2)
     layer.double()
-    x = torch.randn((4, 3, 2, 2) if isinstance(layer, nn.BatchNorm2d) else (2, 3, 6), dtype=torch.float64,
+    x = torch.randn((4, 3, 2, 2) if isinstance(layer, nn.BatchNorm2d) else (2, 3, 5, 5) if isinstance(layer, nn.Conv2d)
+                    else (2, 3, 6), dtype=torch.float64,
                     requires_grad=True)
     names, params = zip(*layer.named_parameters()) if list(layer.parameters()) else ((), ())
 
     def f(x, *ps):
-        with math_attention():  # as gradnorm runs it: attention's explicit levels are for double backward
+        with differentiated_twice():  # as gradnorm runs it: attention's explicit levels are for double backward
             return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
     assert FAST_NODES & graph_nodes(f(x, *params))  # the explicit levels are what runs
@@ -195,7 +226,7 @@ def test_attention_levels_are_exact_with_a_learned_additive_mask():
     assert torch.autograd.gradcheck(f, (q, k, v, bias)) and torch.autograd.gradgradcheck(f, (q, k, v, bias))
 
 
-FAST_NODES = {"_ActivationBackward", "_AttentionBackward", "_NormBackward"}
+FAST_NODES = {"_ActivationBackward", "_AttentionBackward", "_ConvBackward", "_NormBackward"}
 
 
 def graph_nodes(t: torch.Tensor) -> set[str]:
@@ -262,8 +293,8 @@ def test_the_compiled_path_cuda_runs_is_exact_with_a_graph_or_two_per_kernel(arc
         compiled.zero_grad(set_to_none=True)
         loss, grads = gradnorm_step(compiled, compiled, x, y)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for name, grad in grads.items():  # fp32, fused reductions sum in another order: relative to the tensor
+        assert (grad - expected[name]).norm() <= 1e-4 * expected[name].norm(), name
     assert 1 <= compiled_graphs(norm_double_backward) <= 2
     assert compiled_graphs(activation_double_backward) <= 2
 
