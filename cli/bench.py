@@ -44,7 +44,11 @@ def step(
                                                 "GPU's datasheet value for the dtype (none on CPU)."),
     fast: bool = typer.Option(True, "--fast-double-backward/--no-fast-double-backward",
                               help="model.fast_double_backward (off: autograd's own double backward, the 'before')."),
-    fast_attention: bool = typer.Option(False, "--fast-attention", help="model.fast_attention (opt-in)."),
+    fast_attention: bool = typer.Option(True, "--fast-attention/--no-fast-attention",
+                                        help="model.fast_attention (with the fast double backward)."),
+    kernels: int = typer.Option(0, "--kernels", help="Profile one more step of --kernels-method and list its N "
+                                "kernels with the most self time (CUDA kernels; aten ops on CPU)."),
+    kernels_method: str = typer.Option("gradnorm", "--kernels-method"),
     as_json: bool = JSON,
 ) -> None:
     """Cost of one optimizer step per method: time, counted FLOPs, MFU, memory, non-matmul traffic."""
@@ -52,7 +56,8 @@ def step(
 
     result = bench_step(model=model, img_size=img_size, batch_size=batch_size, methods=parse_csv(methods),
                         act=act, device=device, amp=amp, steps=steps, warmup=warmup, compile=compile,
-                        peak=peak_tflops, fast_double_backward=fast, fast_attention=fast_attention)
+                        peak=peak_tflops, fast_double_backward=fast, fast_attention=fast_attention,
+                        kernels=kernels, kernels_method=kernels_method)
     show(result, bench_table, as_json)
 
 

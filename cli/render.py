@@ -4,7 +4,7 @@ import math
 import os
 import time
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -49,8 +49,9 @@ def run_summary(result) -> Table:
     return table
 
 
-def bench_table(result: dict) -> Table:
-    """One row per method; ratios are to natural; ``*`` marks a compiled step."""
+def bench_table(result: dict) -> Table | Group:
+    """One row per method; ratios are to natural; ``*`` marks a compiled step. Then the profiled
+    method's top kernels, if ``--kernels`` asked for them."""
     peak = f"peak {result['peak_tflops']:g} TFLOP/s" if result.get("peak_tflops") else "MFU n/a: no known peak"
     table = Table(title=f"gnr bench step: {result['model']} {result['img_size']} px, batch {result['batch_size']}, "
                         f"{result['dtype']}, {result['device']}, {peak}", title_justify="left",
@@ -71,6 +72,17 @@ def bench_table(result: dict) -> Table:
                       "n/a" if mfu is None else f"{100 * mfu:.1f}%", f"{row['peak_memory_mib']:.0f}",
                       f"{row['nonmatmul_mb_per_image']:.3g}", str(row["nonmatmul_ops"]),
                       "" if fd is None else f"{100 * fd:+.3f}%")
+    profiled = [(method, row["kernels"]) for method, row in result["methods"].items() if "kernels" in row]
+    return Group(table, *(kernels_table(method, k) for method, k in profiled)) if profiled else table
+
+
+def kernels_table(method: str, kernels: dict) -> Table:
+    table = Table(title=f"top kernels of one {method} step ({kernels['unit']}, {kernels['total_ms']:.1f} ms in all)",
+                  title_justify="left")
+    for col in ("kernel", "self ms", "%", "calls"):
+        table.add_column(col, justify="left" if col == "kernel" else "right", overflow="fold")
+    for k in kernels["top"]:
+        table.add_row(k["name"], f"{k['self_ms']:.3f}", f"{100 * k['share']:.1f}", str(k["calls"]))
     return table
 
 

@@ -51,11 +51,11 @@ class ModelConfig(Section):
     act: Activation = "keep"
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
-    fast_double_backward: bool = Field(True, description="LayerNorm/GELU/BatchNorm2d with explicit, fused "
+    fast_double_backward: bool = Field(True, description="LayerNorm/GELU/SiLU/BatchNorm2d/Conv2d with explicit "
                                        "double-backward levels (same numbers); false: autograd's own")
-    fast_attention: bool = Field(False, description="with fast_double_backward: the SDPA call of timm "
-                                 "Attention and Swin WindowAttention too (explicit levels, flash forward; "
-                                 "not yet measured on GPU)")
+    fast_attention: bool = Field(True, description="with fast_double_backward: the SDPA call of timm Attention "
+                                 "and Swin WindowAttention too, in forwards that are differentiated twice "
+                                 "(explicit levels over keys padded for aligned GEMMs)")
 
 
 class ObjectiveConfig(Section):

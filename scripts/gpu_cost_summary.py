@@ -1,4 +1,5 @@
-"""Markdown tables from the JSON files scripts/gpu-cost.sh writes, with issue 9's and 12's targets.
+"""Markdown tables from the JSON files scripts/gpu-cost.sh writes, with the cost targets; last, each
+model's top kernels of one gradnorm step.
 
 Usage: python3 scripts/gpu_cost_summary.py OUT_DIR
 """
@@ -17,7 +18,7 @@ def step_rows(out: Path) -> list[str]:
              "| gradnorm-fd ×nat (fd err) | PGD-3 ×nat | gradnorm / PGD-3 (≤0.62) | gradnorm peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     runs = [(load(path), path.stem) for path in out.glob("step-*.json")]
-    order = ("before", "after", "after-attention")
+    order = ("before", "after", "after-no-attention")
     runs = [(r, stem.removeprefix(f"step-{r['model']}-")) for r, stem in runs]
     for r, variant in sorted(runs, key=lambda rv: (rv[0]["model"], order.index(rv[1]) if rv[1] in order else 9)):
         m = r["methods"]
@@ -59,6 +60,21 @@ def unfused_warnings(out: Path) -> list[str]:
             for line in log.read_text(errors="replace").splitlines() if any(u in line for u in UNFUSED)]
 
 
+def kernel_tables(out: Path) -> list[str]:
+    lines = []
+    for path in sorted(out.glob("step-*-after.json")):
+        r = load(path)
+        for method, row in r["methods"].items():
+            if "kernels" not in row:
+                continue
+            k = row["kernels"]
+            lines += ["", f"{r['model']} ({r['batch_size']}): top kernels of one {method} step, {k['unit']}, "
+                          f"{k['total_ms']:.1f} ms in all", "| kernel | self ms | % | calls |", "|---|---|---|---|"]
+            lines += [f"| {e['name'][:100]} | {e['self_ms']:.3f} | {100 * e['share']:.1f} | {e['calls']} |"
+                      for e in k["top"]]
+    return lines
+
+
 def main(out: Path) -> None:
     header = next((load(p) for p in sorted(out.glob("step-*.json"))), None)
     if header:
@@ -66,6 +82,8 @@ def main(out: Path) -> None:
     print("\n".join(step_rows(out)))
     print()
     print("\n".join(eval_rows(out)))
+    print("\n".join(kernel_tables(out)))
+    print()
     print("\n".join(unfused_warnings(out)) or "no level-2 kernel ran unfused")
 
 

@@ -11,7 +11,10 @@ with a slow kernel:
   backward and SDPA take operands of one dtype;
 - **layout** (``channels_last=True``): every 4-d operand of a convolution is channels-last
   contiguous. cuDNN serves other strides (the permuted operands of autograd's convolution double
-  backward) with legacy kernels without tensor cores, and transposes NCHW ones with extra kernels.
+  backward) with legacy kernels without tensor cores, and transposes NCHW ones with extra kernels;
+- **alignment** (``aligned_bmm=True``): every half-precision batched matmul (attention's) has
+  operands and output with a unit stride, rows, batch stride and offset in multiples of 16 bytes.
+  cuBLAS serves others (attention over 197 or 49 keys) with pre-Hopper kernels.
 """
 
 from __future__ import annotations
@@ -79,6 +82,26 @@ SDPA_PREFIX = "_scaled_dot_product"  # q, k, v (and, in backwards, grad_out, out
 CONVOLUTIONS = ("convolution", "convolution_backward")
 
 
+ALIGN = 16  # bytes: what Hopper's GEMM kernels (TMA) need of rows and batches
+BATCHED = ("bmm", "baddbmm")
+
+
+def _misaligned(t: torch.Tensor) -> str | None:
+    rows, cols = t.stride()[-2:]
+    if cols != 1 and rows != 1:
+        return f"no unit stride {t.stride()}"
+    step = {"row": rows if cols == 1 else cols, "offset": t.storage_offset()}
+    if t.dim() == 3 and t.shape[0] > 1:
+        step["batch"] = t.stride(0)
+    bad = [f"{k} {v}" for k, v in step.items() if v * t.element_size() % ALIGN]
+    return f"{tuple(t.shape)} strides {t.stride()}: {', '.join(bad)} not {ALIGN}-byte aligned" if bad else None
+
+
+def _alignment(args, out) -> str | None:
+    tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.dtype in HALF]
+    return _first(*map(_misaligned, tensors))
+
+
 def _layout(func_name: str, args) -> str | None:
     for i, t in enumerate(args[:3]):
         if isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
@@ -91,9 +114,10 @@ class CudaContracts(TorchDispatchMode):
     """Records ``(op, violation)`` for every call CUDA would refuse or serve slowly; ``calls`` counts
     the ops checked, so a test can tell that the step really ran them."""
 
-    def __init__(self, channels_last: bool = False):
+    def __init__(self, channels_last: bool = False, aligned_bmm: bool = False):
         super().__init__()
         self.channels_last = channels_last
+        self.aligned_bmm = aligned_bmm
         self.violations: Counter[tuple[str, str]] = Counter()
         self.calls: Counter[str] = Counter()
 
@@ -104,14 +128,17 @@ class CudaContracts(TorchDispatchMode):
         if name.startswith(SDPA_PREFIX):
             rule = lambda a: _one_dtype(*(t for t in a if isinstance(t, torch.Tensor) and t.is_floating_point()
                                           and t.dim() == 4))  # noqa: E731
+        out = func(*args, **kwargs)
         if rule is not None:
             self.calls[name] += 1
             problem = rule(args)
             if problem is None and self.channels_last and name in CONVOLUTIONS:
                 problem = _layout(name, args)
+            if problem is None and self.aligned_bmm and name in BATCHED:
+                problem = _alignment(args, out)
             if problem:
                 self.violations[(name, problem)] += 1
-        return func(*args, **kwargs)
+        return out
 
     def report(self) -> str:
         return "\n".join(f"{n}× {op}: {problem}" for (op, problem), n in self.violations.most_common())

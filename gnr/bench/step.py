@@ -69,7 +69,7 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_config(*, model: str, img_size: int, batch_size: int, method: str, act: str, device: str, amp: str,
-                 compile: bool, fast_double_backward: bool = True, fast_attention: bool = False) -> RunConfig:
+                 compile: bool, fast_double_backward: bool = True, fast_attention: bool = True) -> RunConfig:
     """The run configuration a user would train with, but for the benchmark's model and batch."""
     compile = compile and not OBJECTIVES[method].double_backward
     return validate({"data": {"num_classes": NUM_CLASSES, "img_size": img_size, "eval_resize": max(img_size, 256)},
@@ -77,6 +77,26 @@ def bench_config(*, model: str, img_size: int, batch_size: int, method: str, act
                                "fast_attention": fast_attention}, "objective": {"method": method},
                      "optim": {"batch_size": batch_size},
                      "runtime": {"device": device, "amp": amp, "compile": compile}})
+
+
+def top_kernels(run_step, device: torch.device, n: int) -> dict:
+    """The ``n`` kernels with the most self time in one step under ``torch.profiler``: CUDA kernels on
+    a GPU, aten ops on a CPU (whose kernels they are)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run_step()
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    total = sum(self_us(e) for e in events)
+    top = sorted(events, key=self_us, reverse=True)[:n]
+    return {"unit": "CUDA kernel self time" if cuda else "CPU self time of aten ops", "total_ms": total / 1e3,
+            "top": [{"name": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
+                    for e in top]}
 
 
 def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress: float) -> float:
@@ -95,7 +115,9 @@ def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress
 
 def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str], act: str, device: str,
                amp: str, steps: int, warmup: int, compile: bool = False, peak: float | None = None,
-               fast_double_backward: bool = True, fast_attention: bool = False) -> dict:
+               fast_double_backward: bool = True, fast_attention: bool = True, kernels: int = 0,
+               kernels_method: str = "gradnorm") -> dict:
+    """Time, count and (``kernels`` > 0) profile one optimizer step per method; see the module doc."""
     unknown = [m for m in methods if m not in OBJECTIVES]
     if unknown or not methods:
         raise GnrError(f"unknown method '{unknown[0] if unknown else ''}' (known: {', '.join(OBJECTIVES)})")
@@ -107,6 +129,8 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
         raise GnrError("--batch-size must be even: mixup, as in training, pairs the images of a batch")
     if peak is not None and peak <= 0:
         raise GnrError("--peak-tflops must be > 0")
+    if kernels and kernels_method not in methods:
+        raise GnrError(f"--kernels profiles {kernels_method}, which is not among --methods")
     dev = pick_device(device, 0)
     configs = {m: bench_config(model=model, img_size=img_size, batch_size=batch_size, method=m, act=act,
                                device=device, amp=amp, compile=compile, fast_double_backward=fast_double_backward,
@@ -156,6 +180,8 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
                    nonmatmul_ops=cost.nonmatmul_ops, flops=cost.flops)
         if method == "gradnorm-fd":
             row["fd_rel_error"] = fd_error(step, batch, progress)
+        if kernels and method == kernels_method:
+            row["kernels"] = top_kernels(one_step, dev, kernels)
         results[method] = row
         del step
     peak_value = peak or (peak_tflops(device_name(dev), dtype) if dev.type == "cuda" else None)

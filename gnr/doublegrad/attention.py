@@ -8,7 +8,8 @@ apply: level 0 is never differentiated twice). Level 1, for ``G = ∂/∂O``:
 ``C = s(A_Q·Kᵀ + Q·A_Kᵀ) + A_B``, ``c = rowsum(C∘P)``, ``E = P∘(C − c)``,
 ``C_P = C∘(dP − δ) − c∘dP + G·A_Vᵀ`` and ``C_S = P∘(C_P − rowsum(P∘C_P))``:
 ``∂/∂G = P·A_V + E·V``, ``∂/∂V = Eᵀ·G``, ``∂/∂Q = s(dS·A_K + C_S·K)``, ``∂/∂K = s(dSᵀ·A_Q + C_Sᵀ·Q)``,
-``∂/∂B = C_S``. Matmuls run in the inputs' dtype, softmax and elementwise work in fp32.
+``∂/∂B = C_S``. Matmuls run in the inputs' dtype, softmax and elementwise work in fp32, over
+keys padded to a multiple of 8 (:class:`_Keys`).
 """
 
 from __future__ import annotations
@@ -26,32 +27,81 @@ from gnr.doublegrad.fused import fused, opmath
 from gnr.doublegrad.twice import is_differentiated_twice
 
 
-def _levels(g, q, k, v, bias, scale):
-    """P, dP, δ, dS (fp32) for level 1 and level 2."""
+KEY_ALIGN = 8  # elements: 16 bytes of bf16, the row alignment Hopper's GEMM kernels (TMA) need
+
+
+class _Keys:
+    """The key axis padded to a multiple of :data:`KEY_ALIGN`.
+
+    Every N×N matrix of the levels (logits, P, dP, dS, ...) is a GEMM operand or output whose row
+    length is the number of keys: 197 in a ViT-B/16, 49 in a Swin window. cuBLAS serves such rows
+    (not 16-byte aligned) with Turing-generation kernels instead of Hopper's (a quarter of a ViT-B
+    gradnorm step on an H200). Padded keys are zero with logit −∞, so P and every N×N intermediate
+    is zero there and the padded rows of key-side gradients are dropped: the same numbers, for
+    (N_pad / N) times the N×N matmul work (1.02 for ViT-B, 1.14 for Swin).
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.extra = -n % KEY_ALIGN
+
+    def pad(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A key-side ``[..., N, d]`` tensor with zero rows appended."""
+        return t if t is None or not self.extra else F.pad(t, (0, 0, 0, self.extra))
+
+    def pad_columns(self, t: torch.Tensor | None, value: float = 0.0) -> torch.Tensor | None:
+        """An ``[..., N]`` (bias, its cotangent) tensor with ``value`` columns appended."""
+        return t if t is None or not self.extra else F.pad(t, (0, self.extra), value=value)
+
+    def mask(self, bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The additive logit term over the padded keys: the bias, and −∞ on the padding."""
+        if bias is not None:
+            return self.pad_columns(opmath(bias), float("-inf"))
+        if not self.extra:
+            return None
+        keys = torch.arange(self.n + self.extra, device=like.device)
+        return torch.zeros((), dtype=opmath(like).dtype, device=like.device).masked_fill(keys >= self.n, float("-inf"))
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """A key-side gradient without the padded rows."""
+        return t[..., : self.n, :] if self.extra else t
+
+
+def _levels(keys: _Keys, g, q, k, v, bias, scale):
+    """P, dP, δ, dS (fp32, over padded keys) for level 1 and level 2; ``k``, ``v`` padded."""
     logits = opmath(q @ k.transpose(-2, -1)) * scale
-    if bias is not None:
-        logits = logits + bias
+    mask = keys.mask(bias, q)
+    if mask is not None:
+        logits = logits + mask
     p = torch.softmax(logits, dim=-1)
     dp = opmath(g @ v.transpose(-2, -1))
     delta = (p * dp).sum(-1, keepdim=True)
     return p, dp, delta, p * (dp - delta)
 
 
+def _bias_grad(keys: _Keys, grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return grad[..., : keys.n].sum_to_size(bias.shape).to(bias.dtype)
+
+
 @fused
 def attention_backward(g, q, k, v, bias, scale: float):
-    p, _, _, ds = _levels(g, q, k, v, bias, scale)
+    keys = _Keys(k.shape[-2])
+    k, v = keys.pad(k), keys.pad(v)
+    p, _, _, ds = _levels(keys, g, q, k, v, bias, scale)
     dsm = ds.to(q.dtype)
     dq = (dsm @ k) * scale
-    dk = (dsm.transpose(-2, -1) @ q) * scale
-    dv = p.to(v.dtype).transpose(-2, -1) @ g
-    db = None if bias is None else ds.sum_to_size(bias.shape).to(bias.dtype)
+    dk = keys.unpad(dsm.transpose(-2, -1) @ q) * scale
+    dv = keys.unpad(p.to(v.dtype).transpose(-2, -1) @ g)
+    db = None if bias is None else _bias_grad(keys, ds, bias)
     return dq, dk, dv, db
 
 
 @fused
 def attention_double_backward(aq, ak, av, ab, g, q, k, v, bias, scale: float):
     """Cotangents of (dQ, dK, dV, dB), each None when unused -> gradients w.r.t. (G, Q, K, V, B)."""
-    p, dp, delta, ds = _levels(g, q, k, v, bias, scale)
+    keys = _Keys(k.shape[-2])
+    k, v, ak, av, ab = keys.pad(k), keys.pad(v), keys.pad(ak), keys.pad(av), keys.pad_columns(ab)
+    p, dp, delta, ds = _levels(keys, g, q, k, v, bias, scale)
     grad_g = torch.zeros_like(opmath(g))
     grad_v = torch.zeros_like(opmath(v))
     grad_q = torch.zeros_like(opmath(q))
@@ -76,8 +126,9 @@ def attention_double_backward(aq, ak, av, ab, g, q, k, v, bias, scale: float):
     c_s = p * (c_p - (p * c_p).sum(-1, keepdim=True))
     grad_q = grad_q + opmath(c_s.to(k.dtype) @ k) * scale
     grad_k = grad_k + opmath(c_s.to(q.dtype).transpose(-2, -1) @ q) * scale
-    grad_b = None if bias is None else c_s.sum_to_size(bias.shape).to(bias.dtype)
-    return grad_g.to(g.dtype), grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_b
+    grad_b = None if bias is None else _bias_grad(keys, c_s, bias)
+    return (grad_g.to(g.dtype), grad_q.to(q.dtype), keys.unpad(grad_k).to(k.dtype), keys.unpad(grad_v).to(v.dtype),
+            grad_b)
 
 
 class _AttentionBackward(Function):
@@ -121,7 +172,7 @@ class _ExplicitSDPA(TorchFunctionMode):
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
             plain = (len(args) <= 4 and not kwargs.get("dropout_p", 0.0) and not kwargs.get("is_causal", False)
                      and not kwargs.get("enable_gqa", False) and q.shape[-1] == v.shape[-1]
-                     and (mask is None or mask.is_floating_point()))
+                     and (mask is None or (mask.is_floating_point() and mask.shape[-1] == k.shape[-2])))
             if plain:
                 scale = kwargs.get("scale") or q.shape[-1] ** -0.5
                 return _Attention.apply(q, k, v, mask, scale)

@@ -68,10 +68,9 @@ def fast_version(module: nn.Module, attention: bool = False) -> nn.Module | None
 def use_fast_double_backward(model: nn.Module, attention: bool = False) -> dict[str, int]:
     """Replace every supported layer of ``model`` in place; return how many of each kind.
 
-    ``attention`` adds timm's ``Attention`` and Swin's ``WindowAttention``: exact, but whether they
-    are faster on GPU than autograd's math path is not yet measured, so it is opt-in
-    (``model.fast_attention``). Unsupported layers (other norms, activations and attention modules)
-    keep today's autograd path.
+    ``attention`` adds timm's ``Attention`` and Swin's ``WindowAttention`` (``model.fast_attention``,
+    on by default). Unsupported layers (other norms, activations, convolutions and attention modules)
+    keep autograd's path.
     """
     for parent in list(model.modules()):
         for name, child in parent.named_children():

@@ -34,7 +34,8 @@ def test_main_job_runs_with_no_arguments(gnr_home):
     assert run.data.tags["method"] == "gradnorm" and run.data.tags["activation"] == "gelu"
     # test_convnext's layers, replaced by the explicit double-backward versions
     assert {k: v for k, v in run.data.tags.items() if k.startswith("fast_layers.")} == \
-        {"fast_layers.GELU": "9", "fast_layers.LayerNorm": "9", "fast_layers.LayerNorm2d": "5"}
+        {"fast_layers.Conv2d": "13", "fast_layers.GELU": "9", "fast_layers.LayerNorm": "9",
+         "fast_layers.LayerNorm2d": "5"}
     assert run.data.params["objective.lambda_gn"] == "1.2"
     metrics = run.data.metrics
     assert metrics["holdout/clean_acc"] > 0.5, metrics  # 10 digit classes: chance is 0.1

@@ -25,7 +25,7 @@ def test_bench_step_json_reports_the_cost_of_every_method_on_a_tiny_model():
                                                           "adversarial": 8}
     assert result["dtype"] == "fp32" and result["torch"] and result["timm"] and result["device"]
     assert result["peak_tflops"] == 0.5 and result["peak_source"] == "--peak-tflops" and result["memory"]
-    assert result["fast_layers"] == {"BatchNorm2d": 15, "GELU": 12}  # test_resnet, its ReLUs swapped for GELU
+    assert result["fast_layers"] == {"BatchNorm2d": 15, "Conv2d": 15, "GELU": 12}  # test_resnet, its ReLUs swapped for GELU
     natural = methods["natural"]
     assert natural["ratio_to_natural"] == natural["flop_ratio_to_natural"] == 1.0
     for r in methods.values():

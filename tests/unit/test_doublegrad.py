@@ -23,7 +23,7 @@ TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
 MODELS = {  # name -> (config, img size, expected replacement counts)
     "vit": (ModelConfig(name="test_vit", fast_attention=True), IMG,  # 6 blocks
             {"Attention": 6, "Conv2d": 1, "GELU": 6, "LayerNorm": 13}),
-    "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN), IMG,
+    "swin": (ModelConfig(name="swin_tiny_patch4_window7_224", kwargs=TINY_SWIN, fast_attention=False), IMG,
              {"Conv2d": 1, "GELU": 2, "LayerNorm": 7}),
     "swin-attention": (ModelConfig(name="swin_tiny_patch4_window7_224", fast_attention=True,  # a shifted block
                                    kwargs=TINY_SWIN | {"depths": (2, 1)}), IMG,
