@@ -21,6 +21,7 @@ Level 2, for cotangents ``a, p, q`` of ``dx, dw, db`` (P is self-adjoint):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,12 @@ def _stats_and_weight(norm: Norm, w, running_mean, running_var, mean, rstd):
     return w.view(1, -1, 1), mean.view(1, -1, 1), rstd.view(1, -1, 1)
 
 
+@functools.cache
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types``, once per pair (it is a dispatched op, and every LayerNorm call asks)."""
+    return torch.promote_types(a, b)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -123,7 +130,7 @@ class _NormBackward(Function):
         if norm.kind == "batch":  # CUDA takes half inputs with fp32 weights and statistics; g has x's dtype
             return torch.ops.aten.native_batch_norm_backward(g, x, w, running_mean, running_var, mean, rstd,
                                                              norm.batch_stats, norm.eps, list(mask))
-        c = torch.promote_types(x.dtype, w.dtype)  # CUDA's kernel takes one dtype for all four
+        c = _wider(x.dtype, w.dtype)  # CUDA's kernel takes one dtype for all four
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(g.to(c), x.to(c), w.shape, mean, rstd, w.to(c),
                                                                b.to(c), list(mask))
         return _cast(dx, x.dtype), _cast(dw, w.dtype), _cast(db, b.dtype)
@@ -157,7 +164,7 @@ class _Norm(Function):
     def forward(ctx, x, w, b, running_mean, running_var, momentum, norm, out_dtype):
         remember_inputs(ctx, x, w, b, running_mean, running_var, momentum, norm, out_dtype)
         if norm.kind == "layer":
-            c = torch.promote_types(x.dtype, w.dtype)
+            c = _wider(x.dtype, w.dtype)
             y, mean, rstd = torch.native_layer_norm(x.to(c), w.shape, w.to(c), b.to(c), norm.eps)
             y = y.to(out_dtype or c)
         else:
