@@ -64,7 +64,8 @@ class ObjectiveConfig(Section):
     lambda_ce: float = Field(0.8, ge=0)
     lambda_gn: float = Field(1.2, ge=0)
     ramp_epochs: float = Field(5.0, ge=0, description="penalty weight / attack step ramp length")
-    fd_step: float = Field(1e-4, gt=0, description="gradnorm-fd: finite-difference step h in pixels (fp32 passes)")
+    fd_step: float | None = Field(None, gt=0, description="gradnorm-fd: finite-difference step h in pixels; "
+                                  "default 1e-4 where its passes compute in full fp32, 1e-3 under bf16 or TF32")
     attack: Literal["pgd", "fgsm"] = "pgd"
     attack_steps: int = Field(3, ge=1)
     attack_step_size: float = Field(8 / (3 * 255), gt=0)

@@ -63,49 +63,9 @@ def test_ramp_of_zero_length_is_full_weight():
     assert parts["alpha"].item() == 1.0
 
 
-def smooth_mlp(dropout: float = 0.0) -> nn.Module:
+def smooth_mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 10))
-
-
-FD_MODELS = {"smooth": ModelConfig(name="test_convnext", act="gelu"), "relu": ModelConfig(name="test_resnet")}
-
-
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-@pytest.mark.parametrize("kind", list(FD_MODELS))
-def test_finite_difference_is_within_one_percent_of_the_exact_penalty(kind, amp):
-    # At the old h = 0.01 these models are 2.6% (GELU) and 12% (ReLU) below exact; in bf16 worse.
-    torch.manual_seed(0)
-    model, _ = build_model(FD_MODELS[kind], num_classes=10, img_size=32)
-    x, y = torch.rand(8, 3, 32, 32), soft_targets(8, 10)
-    exact_loss, exact = build_objective(ObjectiveConfig(method="gradnorm"))(model.eval(), x, y, 9.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):  # the FD passes stay fp32
-        fd_loss, fd = build_objective(ObjectiveConfig(method="gradnorm-fd"))(model, x, y, 9.0)
-    assert fd_loss.dtype == torch.float32
-    assert abs(fd["grad_l1"] / exact["grad_l1"] - 1) < 0.01
-    assert abs(fd_loss.item() / exact_loss.item() - 1) < 0.01
-    fd_loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_finite_difference_passes_run_in_fp32_without_tf32_convolutions():
-    model = smooth_mlp().train()
-    seen = []
-    model.register_forward_hook(lambda m, args, out: seen.append((out.dtype, torch.backends.cudnn.allow_tf32)))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        build_objective(ObjectiveConfig(method="gradnorm-fd"))(model, torch.rand(4, 3, 8, 8), soft_targets(4, 10), 9.0)
-        model(torch.rand(4, 3, 8, 8))  # the caller's autocast and flags are back afterwards
-    assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)]
-
-
-def test_finite_difference_replays_the_dropout_masks():
-    model = smooth_mlp(dropout=0.5).train()
-    x, y = torch.rand(16, 3, 8, 8), soft_targets(16, 10)
-    torch.manual_seed(7)
-    _, exact = build_objective(ObjectiveConfig(method="gradnorm"))(model, x, y, 9.0)
-    torch.manual_seed(7)  # the FD's first forward draws the same mask as the exact one; the second replays it
-    _, fd = build_objective(ObjectiveConfig(method="gradnorm-fd"))(model, x, y, 9.0)
-    assert abs(fd["grad_l1"] / exact["grad_l1"] - 1) < 0.01
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 64), nn.GELU(), nn.Linear(64, 10))
 
 
 @pytest.mark.parametrize("method", list(OBJECTIVES))
@@ -217,5 +177,5 @@ def test_objectives_run_through_ddp(tmp_path):
 def test_passes_and_double_backward_flags():
     flags = {m: (build_objective(ObjectiveConfig(method=m)).passes,
                  build_objective(ObjectiveConfig(method=m)).double_backward) for m in OBJECTIVES}
-    assert flags == {"natural": (2, False), "gradnorm": (5, True), "gradnorm-fd": (5, False),
+    assert flags == {"natural": (2, False), "gradnorm": (5, True), "gradnorm-fd": (4, False),
                      "adversarial": (8, False), "edge": (5, True)}
