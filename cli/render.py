@@ -55,23 +55,27 @@ def bench_table(result: dict) -> Table | Group:
     peak = f"peak {result['peak_tflops']:g} TFLOP/s" if result.get("peak_tflops") else "MFU n/a: no known peak"
     table = Table(title=f"gnr bench step: {result['model']} {result['img_size']} px, batch {result['batch_size']}, "
                         f"{result['dtype']}, {result['device']}, {peak}", title_justify="left",
-                  caption=f"* compiled. ¹ written by non-matmul ops: MB per image, ops per step. "
+                  caption=f"* compiled. ¹ written by non-matmul ops: MB per image, ops per step. ² gradnorm-fd against "
+                          f"exact gradnorm, relative error of the penalty's value / its parameter gradient per step / "
+                          f"the mean gradient of a +h, -h pair. "
                           f"Memory: {result['memory']}. Explicit double backward: {result.get('fast_layers') or 'off'}.",
                   caption_justify="left")
     for col in ("method", "s/step", "×nat", "GFLOP/img", "FLOP×nat", "TFLOP/s", "MFU", "MiB", "MB/img¹",
-                "ops¹", "FD err"):
+                "ops¹", "FD err²"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
     def ratio(value) -> str:
         return f"{value:.2f}" if value else "-"
 
     for method, row in result["methods"].items():
-        fd, mfu = row.get("fd_rel_error"), row.get("mfu")
+        mfu = row.get("mfu")
+        fd = (f"{row['fd_rel_error']:+.2%} / {row['fd_grad_error']:.1%} / {row['fd_pair_error']:.1%}"
+              if "fd_rel_error" in row else "")
         table.add_row(method + ("*" if row.get("compiled") else ""), f"{row['sec_per_step']:.3g}",
                       ratio(row.get("ratio_to_natural")), f"{row['gflop_per_image']:.3g}",
                       ratio(row.get("flop_ratio_to_natural")), f"{row['tflops']:.3g}",
                       "n/a" if mfu is None else f"{100 * mfu:.1f}%", f"{row['peak_memory_mib']:.0f}",
                       f"{row['nonmatmul_mb_per_image']:.3g}", str(row["nonmatmul_ops"]),
-                      "" if fd is None else f"{100 * fd:+.3f}%")
+                      fd)
     profiled = [(method, row["kernels"]) for method, row in result["methods"].items() if "kernels" in row]
     return Group(table, *(kernels_table(method, k) for method, k in profiled)) if profiled else table
 

@@ -15,7 +15,7 @@ def load(path: Path) -> dict:
 
 def step_rows(out: Path) -> list[str]:
     lines = ["| model (batch) | variant | natural s/step (MFU) | gradnorm ×nat | FLOP ratio | target ≤1.1×FLOP "
-             "| gradnorm-fd ×nat (fd err) | PGD-3 ×nat | gradnorm / PGD-3 (≤0.62) | gradnorm peak MiB |",
+             "| gradnorm-fd ×nat (err: value, grad, pair) | PGD-3 ×nat | gradnorm / PGD-3 (≤0.62) | gradnorm peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     runs = [(load(path), path.stem) for path in out.glob("step-*.json")]
     order = ("before", "after", "after-no-attention")
@@ -28,7 +28,8 @@ def step_rows(out: Path) -> list[str]:
         lines.append(
             f"| {r['model']} ({r['batch_size']}) | {variant} | {nat['sec_per_step']:.4f}{mfu} "
             f"| {gn['ratio_to_natural']:.2f} | {gn['flop_ratio_to_natural']:.2f} | {ok} "
-            f"| {fd['ratio_to_natural']:.2f} ({fd.get('fd_rel_error', float('nan')):+.2%}) "
+            f"| {fd['ratio_to_natural']:.2f} ({fd['fd_rel_error']:+.1%}, {fd['fd_grad_error']:.1%}, "
+            f"{fd['fd_pair_error']:.1%}) "
             f"| {adv['ratio_to_natural']:.2f} | {gn['sec_per_step'] / adv['sec_per_step']:.2f} "
             f"| {gn.get('peak_memory_mib', float('nan')):.0f} |")
     return lines

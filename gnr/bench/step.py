@@ -99,18 +99,30 @@ def top_kernels(run_step, device: torch.device, n: int) -> dict:
                     for e in top]}
 
 
-def fd_error(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor], progress: float) -> float:
-    """Relative error of gradnorm-fd's ‖∇ₓℓ‖₁ against exact double backprop (under the step's
-    autocast, as the gradnorm method would train), same batch and dropout masks."""
+def fd_errors(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """gradnorm-fd against exact double backprop on the same batch and dropout masks, both under the
+    step's autocast (as the gradnorm method would train): the relative error of the penalty's value
+    ‖∇ₓℓ‖₁ (mean of the two signs the objective alternates between), of its parameter gradient per
+    step (mean of the two), and of the mean gradient of the two steps (a central difference)."""
+    cfg = step.objective.cfg.model_copy(update={"lambda_ce": 0.0, "lambda_gn": 1.0, "eps": 1.0, "ramp_epochs": 0})
     x, y_soft = step.targets(batch[0].clone(), batch[1])
-    values = []
-    for objective in (step.objective, GradNorm(step.objective.cfg)):
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    fd = type(step.objective)(cfg)
+    results = []
+    for objective in (fd, fd, GradNorm(cfg)):  # the FD objective: one step of each sign
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             with autocast(step.device, step.amp):
-                _, parts = objective(step.model, x, y_soft, progress)
-        values.append(float(parts["grad_l1"]))
-    step.model.zero_grad(set_to_none=True)
-    return values[0] / values[1] - 1
+                loss, parts = objective(step.model, x, y_soft, 1.0)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten().float() for p, g in zip(params, grads)])
+        results.append((float(parts["grad_l1"]), flat))
+    (v1, g1), (v2, g2), (value, exact) = results
+
+    def error(g: torch.Tensor) -> float:
+        return float((g - exact).norm() / exact.norm())
+
+    return {"fd_rel_error": (v1 + v2) / 2 / value - 1, "fd_grad_error": (error(g1) + error(g2)) / 2,
+            "fd_pair_error": error((g1 + g2) / 2)}
 
 
 def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str], act: str, device: str,
@@ -179,7 +191,7 @@ def bench_step(*, model: str, img_size: int, batch_size: int, methods: list[str]
                    nonmatmul_mb_per_image=cost.nonmatmul_bytes / batch_size / 1e6,
                    nonmatmul_ops=cost.nonmatmul_ops, flops=cost.flops)
         if method == "gradnorm-fd":
-            row["fd_rel_error"] = fd_error(step, batch, progress)
+            row.update(fd_errors(step, batch))
         if kernels and method == kernels_method:
             row["kernels"] = top_kernels(one_step, dev, kernels)
         results[method] = row
