@@ -5,14 +5,19 @@
 # and `docker build --target mlflow-server -t gnr-mlflow:<version> .` the other:
 #   mlflow-server  the MLflow tracking server of k8s/ (PostgreSQL + S3 clients), same MLflow as gnr
 
-# The base's torch must be the version pyproject.toml pins, or pip installs a second copy.
+# The base image brings torch and CUDA: by default PyTorch's own CUDA runtime image (torch 2.14.1,
+# CUDA 12.8, cuDNN 9), or your cluster's image with --build-arg BASE_IMAGE=... Any base whose torch is
+# within pyproject.toml's range (torch>=2.11,<2.15) works: gnr is installed beside that torch, never
+# over it (tools/image_constraints.py), and a torch out of range fails the build.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime
 ARG PYTHON_IMAGE=python:3.11-slim
 
 
 FROM ${PYTHON_IMAGE} AS mlflow-server
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-RUN pip install "mlflow==3.17.2" "psycopg2-binary==2.9.13" "boto3==1.44.5" \
+COPY requirements.lock /tmp/
+RUN pip install -c /tmp/requirements.lock mlflow boto3 "psycopg2-binary==2.9.13" \
+ && rm /tmp/requirements.lock \
  && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin mlflow
 USER 1000:1000
 WORKDIR /home/mlflow
@@ -24,18 +29,20 @@ CMD ["server", "--host=0.0.0.0", "--port=5000"]
 FROM ${BASE_IMAGE} AS gnr
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# Dependencies first (a layer that survives code changes), then gnr itself without them. nvidia-ml-py
-# (pynvml) gives MLflow's system metrics the GPUs' utilisation and memory. GNR_EXTRAS (e.g. gcs,azure)
-# adds the optional object-store clients for gs:// and az:// data.
+# Dependencies first (a layer that survives code changes), then gnr itself without them. They are
+# installed at requirements.lock's versions, except torch, torchvision and the CUDA libraries, which
+# stay the base's. nvidia-ml-py (pynvml) gives MLflow's system metrics the GPUs' utilisation and
+# memory. GNR_EXTRAS (e.g. gcs,azure) adds the optional object-store clients for gs:// and az:// data.
 WORKDIR /opt/gnr
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock tools/image_constraints.py ./
 ARG GNR_EXTRAS=""
 RUN GNR_EXTRAS="${GNR_EXTRAS}" python -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 extras = [e for e in os.environ["GNR_EXTRAS"].split(",") if e]; \
 print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
       > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt "nvidia-ml-py==13.615.71" \
- && rm /tmp/requirements.txt
+ && python image_constraints.py requirements.lock > /tmp/constraints.txt \
+ && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt "nvidia-ml-py==13.615.71" \
+ && rm /tmp/requirements.txt /tmp/constraints.txt image_constraints.py
 COPY gnr ./gnr
 COPY cli ./cli
 COPY charts/gnr ./charts/gnr

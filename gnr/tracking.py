@@ -26,9 +26,13 @@ import gnr
 from gnr import __version__, paths
 from gnr.config import RunConfig, validate
 from gnr.errors import GnrError
+from gnr.requirements import model_requirements
 from gnr.spool import Spool, compact
 
 log = logging.getLogger(__name__)
+# Importing mlflow.pytorch runs logging.basicConfig(level=ERROR), which would silence every warning of
+# gnr's (a logger without a level of its own takes the root's): gnr's loggers keep WARNING.
+logging.getLogger("gnr").setLevel(logging.WARNING)
 
 CONFIG_ARTIFACT = "config.yaml"
 WEIGHTS_DIR = "weights"
@@ -178,13 +182,6 @@ def source_tags(entry_point: str, source_type: str) -> dict[str, str]:
     if commit := _git_commit():
         tags[GIT_COMMIT_TAG] = commit
     return tags
-
-
-def pinned_requirements() -> list[str]:
-    """gnr's own pins, as its installed distribution declares them (pyproject), without the extras."""
-    from importlib import metadata
-
-    return [r for r in metadata.requires("gnr") or [] if "extra ==" not in r]
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -376,7 +373,7 @@ class Tracker:
         try:
             return mlflow.pytorch.log_model(
                 model, name=MODEL_NAME, run_id=self.run_id, signature=signature, input_example=x.numpy(),
-                pip_requirements=pinned_requirements(), registered_model_name=register_as,
+                pip_requirements=model_requirements(), registered_model_name=register_as,
                 serialization_format="pt2")
         except Exception as e:
             raise GnrError(f"could not log the MLflow model of run {self.run_id} (its weights are logged "

@@ -1,6 +1,7 @@
 """Fixtures shared by the suite: real servers and real data, cleaned up after themselves."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +18,20 @@ ROBUSTBENCH = SHARED / "data" / "robustbench"
 BIN = Path(sys.executable).parent
 DEMO_MODEL = "tests-demo"  # the registered model of the demo_run fixture
 
+SOURCES = ("pyproject.toml", "README.md", "gnr", "cli", "charts")  # what a wheel of gnr is built from
+
 # Two cores: keep every torch process to one intra-op thread unless a test says otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def copy_sources(dest: Path) -> Path:
+    """A copy of what gnr's wheel is built from, so that pip builds it without touching the checkout."""
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, dest / name)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,12 @@ def test_logged_model_loads_with_mlflow_and_gives_gnr_logits(demo_run, client, t
     assert mlmodel["flavors"]["pytorch"]["model_data"] == "data"
     assert [p.name for p in (tmp_path / "model" / "data").iterdir()] == ["model.pt2"]  # no pickle
     requirements = open(f"{local}/requirements.txt").read().split()
-    assert {"timm==1.0.31", "torch==2.14.1", "safetensors==0.8.0"} <= set(requirements)
+    import safetensors
+    import timm
+
+    # the versions the run used (gnr/requirements.py), whatever the lock says
+    assert {f"timm=={timm.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"safetensors=={safetensors.__version__}"} <= set(requirements), requirements
     assert (tmp_path / "model" / "input_example.json").is_file()
 
 

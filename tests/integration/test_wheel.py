@@ -18,24 +18,16 @@ import pytest
 import yaml
 
 from gnr.cli import helm as gnr_helm
-from tests.conftest import ROOT, assert_one_line_error
+from tests.conftest import ROOT, assert_one_line_error, copy_sources
 from tests.helm import helm  # noqa: F401  (fixture)
 from tests.manifests import objects
 
 pytestmark = pytest.mark.integration
 
-SOURCES = ("pyproject.toml", "README.md", "gnr", "cli", "charts")
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The gnr wheel, built offline from a copy of the sources (the checkout stays clean)."""
-    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(ROOT / name, src / name)
+    src, out = copy_sources(tmp_path_factory.mktemp("src")), tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(out), str(src)], check=True, capture_output=True, timeout=300)
     (whl,) = out.glob("gnr-*.whl")
