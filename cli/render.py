@@ -142,8 +142,12 @@ def eval_summary(result):
     for name, acc in result.accuracy.items():
         table.add_row(name, percent(acc))
     head = Text(f"gnr eval of run {result.run_id}: {result.n} images, {result.weights} weights", style="bold")
+    logged = result.logged
     lines = [head, table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
-                         f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with {result.metric_prefix}/per_image.csv")]
+                               f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with "
+                               f"{result.metric_prefix}/per_image.csv, which now holds {logged.get('n', result.n)} "
+                               f"images × {len(logged.get('accuracy', result.accuracy))} measures "
+                               "(every evaluation of this run under that name)")]
     if result.warnings:
         lines += [Text(f"warning: {w}", style="bold red") for w in result.warnings]
     else:

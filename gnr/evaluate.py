@@ -70,6 +70,12 @@ class Measure:
     def sanity(self) -> bool:
         return self.eps >= SANITY_EPS
 
+    @classmethod
+    def parse(cls, name: str) -> "Measure":
+        """The measure a column is named after (the inverse of :attr:`name`)."""
+        attack, _, eps = name.partition("/eps")
+        return cls(attack, float(eps) if eps else 0.0)
+
 
 def parse_attacks(names: Iterable[str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
@@ -345,12 +351,14 @@ class EvalResult:
     batches: int
     resumed_batches: int
     elapsed_s: float
-    csv_path: str
+    csv_path: str  # the run's merged table under metric_prefix, a local copy of what is logged
     metric_prefix: str
     is_main: bool = True
     settings: dict = field(default_factory=dict)
     attacks: list[dict] = field(default_factory=list)  # per ε and attack: images, robust, seconds, passes
     rechecks: dict[str, dict] = field(default_factory=dict)  # bf16 only: per measure, the fp32 re-check counts
+    attack_warnings: list[str] = field(default_factory=list)  # pyautoattack's, also in warnings
+    logged: dict = field(default_factory=dict)  # what the run holds now: every evaluation under metric_prefix
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "is_main"}
@@ -446,23 +454,34 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
     measures = spec.measures()
     rows = [shard.rows[k] for k in sorted(shard.rows)]
     accuracy = _accuracy(rows, measures)
-    prefix = "eval" if spec.weights in ("ema", "file") else f"eval-{spec.weights}"
+    prefix = metric_prefix(spec.weights, spec.precision, spec.seed)
+    attack_warnings = sorted(set(shard.warnings))
     result = EvalResult(run_id=run_id, weights=spec.weights, n=len(rows), accuracy=accuracy,
-                        warnings=sanity_warnings(accuracy, measures) + sorted(set(shard.warnings)),
+                        warnings=sanity_warnings(accuracy, measures) + attack_warnings,
                         batches=shard.batches, resumed_batches=shard.resumed, elapsed_s=time.perf_counter() - started,
-                        csv_path=str(cache.root / "per_image.csv"), metric_prefix=prefix, is_main=dist.is_main,
+                        csv_path=str(paths.eval_cache_root() / run_id / prefix / TABLE_FILE), metric_prefix=prefix,
+                        is_main=dist.is_main,
                         settings={"data": cfg.data.source, "split": split, "ids": spec.ids, "n": spec.n,
                                   "attacks": list(spec.attacks), "eps_255": list(spec.eps), "seed": spec.seed,
                                   "world": dist.world, "batch_size": spec.batch_size, **prepared,
                                   "precision": spec.precision},
-                        attacks=attack_table(shard.attacks), rechecks=recheck_table(shard.rechecks))
+                        attacks=attack_table(shard.attacks), rechecks=recheck_table(shard.rechecks),
+                        attack_warnings=attack_warnings)
     if dist.is_main:
-        write_rows(rows, Path(result.csv_path))
-        log_to_run(result, uri)
+        log_to_run(result, rows, uri)
     # Ranks tear the process group down together: a rank that exits while rank 0 still logs was seen
     # aborting at exit ("terminate called without an active exception") under load.
     distributed.barrier()
     return result
+
+
+def metric_prefix(weights: str, precision: str = "fp32", seed: int = 0) -> str:
+    """Where an evaluation's metrics and table go in its run: ``eval`` for the exported (EMA) weights in
+    fp32 with seed 0, else a name that says what differs (``eval-raw``, ``eval-bf16``, ``eval-seed1``), so
+    that verdicts of other weights, precision or random starts never replace these."""
+    parts = ["eval"] + ([weights] if weights not in ("ema", "file") else []) + \
+        ([precision] if precision != "fp32" else []) + ([f"seed{seed}"] if seed else [])
+    return "-".join(parts)
 
 
 def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str, cache: BatchCache,
@@ -682,15 +701,88 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def log_to_run(result: EvalResult, uri: str | None) -> None:
-    """Metrics ``<prefix>/<measure>`` (e.g. ``eval/autoattack/eps4``), tags, CSV and summary JSON."""
-    from gnr.tracking import RunWriter
+# -- what a run holds: every evaluation's per-image results, merged -------------------------------
 
+TABLE_FILE = "per_image.csv"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class ResultTable:
+    """Per-image results of every evaluation logged under one prefix: a row per image id, a column per
+    measure, cells as written (1 / 0, empty where that measure never ran on that image).
+
+    A later evaluation adds images and measures and rewrites only the cells it computed itself, so
+    nothing an earlier one logged is dropped (an AutoAttack evaluation can cost GPU-hours)."""
+
+    measures: list[str] = field(default_factory=list)
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path | None) -> "ResultTable":
+        if path is None or not path.is_file():
+            return cls()
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        return cls().add(rows)
+
+    def add(self, rows: Iterable[dict]) -> "ResultTable":
+        for row in rows:
+            cells = self.rows.setdefault(row["id"], {"id": row["id"]})
+            for key, value in row.items():
+                if key == "id" or value == "":
+                    continue
+                if key != "label" and key not in self.measures:
+                    self.measures.append(key)
+                cells[key] = str(int(value)) if isinstance(value, bool) else str(value)
+        return self
+
+    def counts(self) -> dict[str, int]:
+        return {m: sum(m in r for r in self.rows.values()) for m in self.measures}
+
+    def accuracy(self) -> dict[str, float]:
+        """Per measure, over the images it ran on."""
+        return {m: sum(r.get(m) == "1" for r in self.rows.values()) / max(n, 1) for m, n in self.counts().items()}
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "label", *self.measures], restval="")
+            w.writeheader()
+            w.writerows(self.rows[k] for k in sorted(self.rows))
+        return path
+
+
+def log_to_run(result: EvalResult, rows: list[dict], uri: str | None) -> None:
+    """Merge ``rows`` into the run's table under the result's prefix (what is logged, else the local copy),
+    keep it locally (``result.csv_path``) and log it, with metrics ``<prefix>/<measure>`` (e.g.
+    ``eval/autoattack/eps4``) and ``<prefix>/n`` over the merged table, the sanity tags, and
+    ``summary.json``: the merged accuracy and every evaluation's own summary."""
+    from gnr.tracking import RunWriter, download_if_logged
+
+    p, local = result.metric_prefix, Path(result.csv_path).parent
     writer = RunWriter(result.run_id, uri)
-    p = result.metric_prefix
-    writer.log_metrics({**{f"{p}/{k}": v for k, v in result.accuracy.items()}, f"{p}/n": result.n}, step=0)
-    writer.set_tags({f"{p}.sanity": "failed" if result.warnings else "passed",
-                     f"{p}.warnings": " | ".join(result.warnings)[:5000] or "none",
+    with tempfile.TemporaryDirectory() as tmp:
+        logged_table = download_if_logged(result.run_id, f"{p}/{TABLE_FILE}", tmp, uri)
+        logged_summary = download_if_logged(result.run_id, f"{p}/{SUMMARY_FILE}", tmp, uri)
+        table = ResultTable.read(local / TABLE_FILE).add(ResultTable.read(logged_table).rows.values()).add(rows)
+        before = _read_json(logged_summary) or _read_json(local / SUMMARY_FILE)
+    evaluations = before.get("evaluations", [before] if before else []) + [
+        {k: v for k, v in result.summary().items() if k != "logged"}]
+    accuracy = table.accuracy()
+    measures = [Measure.parse(m) for m in table.measures]
+    warnings = sanity_warnings(accuracy, measures) + sorted({w for e in evaluations for w in e.get("attack_warnings", [])})
+    result.logged = {"accuracy": accuracy, "images": table.counts(), "n": len(table.rows), "warnings": warnings}
+    table.write(local / TABLE_FILE)
+    summary = atomic.write_text(local / SUMMARY_FILE, json.dumps({**result.logged, "evaluations": evaluations}, indent=2))
+    writer.log_metrics({**{f"{p}/{k}": v for k, v in accuracy.items()}, f"{p}/n": len(table.rows)}, step=0)
+    writer.set_tags({f"{p}.sanity": "failed" if warnings else "passed",
+                     f"{p}.warnings": " | ".join(warnings)[:5000] or "none",
                      f"{p}.settings": json.dumps(result.settings)})
-    writer.log_artifact(result.csv_path, p)
-    writer.log_text(json.dumps(result.summary(), indent=2), f"{p}/summary.json")
+    writer.log_artifact(local / TABLE_FILE, p)
+    writer.log_artifact(summary, p)
+
+
+def _read_json(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}

@@ -2,6 +2,7 @@
 run, AutoAttack against a direct pyautoattack call, 2-process torchrun, resume, bad input."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -171,10 +172,59 @@ def test_ids_file_selects_the_first_n_listed_images(demo_run, gnr_home, tmp_path
     listed = [keys[5], "digit-9999", keys[2], keys[39], keys[7]]  # one id that is not in the split
     ids = tmp_path / "ids.txt"
     ids.write_text("".join(f"{k}.png\n" for k in listed))
-    result = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), ids=str(ids), n=4, batch_size=2),
-                      uri=demo_run["uri"])
+    result = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), ids=str(ids), n=4, batch_size=2, seed=5),
+                      uri=demo_run["uri"])  # seed 5: a table of its own, which other tests' images do not join
     rows = list(csv.DictReader(open(result.csv_path)))
     assert sorted(r["id"] for r in rows) == sorted([keys[5], keys[2], keys[39]])
+
+
+def _columns(text: str, ids: list[str], columns: list[str]) -> str:
+    """``text`` (a per-image CSV) cut down to rows ``ids`` and ``columns``, written as gnr writes it."""
+    import io
+
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(text, newline=""))}
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows[i] for i in ids)
+    return out.getvalue()
+
+
+def test_a_later_evaluation_adds_to_what_the_run_holds(demo_run, gnr_home, tmp_path):
+    """Issue 19: AutoAttack, then clean on more images, on one run (seed 7: a table of its own). Both sets of
+    flags are in the table locally and in MLflow, the first byte for byte; metrics are added, none reset."""
+    from gnr.evaluate import EvalSpec, evaluate
+
+    client = MlflowClient(tracking_uri=demo_run["uri"])
+    first = evaluate(demo_run["run_id"], EvalSpec(attacks=("autoattack",), eps=(64.0,), n=4, batch_size=4, seed=7),
+                     uri=demo_run["uri"])
+    assert first.metric_prefix == "eval-seed7"
+    first_text = open(first.csv_path, newline="").read()
+    first_ids = [r["id"] for r in csv.DictReader(open(first.csv_path, newline=""))]
+    first_columns = ["id", "label", "autoattack/eps64", "pgd10/eps64"]
+    assert first_text.splitlines()[0] == ",".join(first_columns) and len(first_ids) == 4
+    assert open(client.download_artifacts(demo_run["run_id"], "eval-seed7/per_image.csv", str(tmp_path / "first")),
+                newline="").read() == first_text
+    first_metrics = client.get_run(demo_run["run_id"]).data.metrics
+
+    second = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), n=6, batch_size=6, seed=7), uri=demo_run["uri"])
+    assert second.csv_path == first.csv_path and second.accuracy.keys() == {"clean"}
+    local = open(second.csv_path, newline="").read()
+    logged = open(client.download_artifacts(demo_run["run_id"], "eval-seed7/per_image.csv", str(tmp_path)),
+                  newline="").read()
+    assert logged == local
+    rows = list(csv.DictReader(io.StringIO(local, newline="")))
+    assert local.splitlines()[0] == ",".join(first_columns + ["clean"])
+    assert len(rows) == 6 and all(r["clean"] in ("0", "1") for r in rows)
+    assert _columns(local, first_ids, first_columns) == first_text  # the first set, byte for byte
+
+    metrics = client.get_run(demo_run["run_id"]).data.metrics
+    for name in ("autoattack/eps64", "pgd10/eps64"):
+        assert metrics[f"eval-seed7/{name}"] == first_metrics[f"eval-seed7/{name}"] == first.accuracy[name]
+    assert metrics["eval-seed7/clean"] == second.accuracy["clean"] and metrics["eval-seed7/n"] == 6
+    summary = json.load(open(client.download_artifacts(demo_run["run_id"], "eval-seed7/summary.json", str(tmp_path))))
+    assert [e["settings"]["attacks"] for e in summary["evaluations"]] == [["autoattack"], ["clean"]]
+    assert summary["images"] == {"autoattack/eps64": 4, "pgd10/eps64": 4, "clean": 6}
 
 
 def test_external_weights_are_evaluated_as_a_new_run(evaluated, gnr_home, tmp_path):
