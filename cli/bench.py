@@ -77,7 +77,7 @@ def eval_(
     """AutoAttack (standard, L∞) per attack and ε: seconds, forward / backward passes, images still robust;
     and the projected cost of a full evaluation of --model."""
     from gnr.bench.eval import bench_eval
-    from gnr.evaluate import parse_eps
+    from gnr.eval import parse_eps
 
     result = bench_eval(run_id, uri=tracking_uri, weights=weights, n=n, eps=parse_eps(parse_csv(eps)), model=model,
                         img_size=img_size, batch_size=batch_size, images=images, world=world, device=device,

@@ -48,7 +48,7 @@ def evaluate(
 ) -> None:
     """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
     from gnr.errors import GnrError
-    from gnr.evaluate import EvalSpec, model_source, parse_attacks, parse_eps
+    from gnr.eval import EvalSpec, model_source, parse_attacks, parse_eps
 
     external = weights not in ("ema", "raw")
     if model and model.startswith(MODEL_URI_SCHEMES):
@@ -70,14 +70,14 @@ def evaluate(
     with progress:
         if external:
             from gnr.config import build_config
-            from gnr.evaluate import evaluate_external
+            from gnr.eval import evaluate_external
 
             cfg = build_config(preset=preset, overrides=overrides, fields={
                 "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
             result = evaluate_external(Path(weights), cfg, _with_run_eps(spec, lambda: cfg), on_batch=on_batch,
                                        on_event=on_event)
         else:
-            from gnr.evaluate import evaluate as run_eval
+            from gnr.eval import evaluate as run_eval
             from gnr.tracking import load_run_config
 
             spec = _with_run_eps(spec, lambda: load_run_config(run_id, tracking_uri))
@@ -134,7 +134,7 @@ class AttackDisplay:
         self.task = None
 
     def __call__(self, event) -> None:
-        from gnr.evaluate import EvalPlan
+        from gnr.eval import EvalPlan
 
         if isinstance(event, EvalPlan):
             least, most = event.projected_s

@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 
 from gnr import distributed
-from gnr.autoattack import run_autoattack
 from gnr.bench.step import device_name
 from gnr.config import ModelConfig
 from gnr.errors import GnrError
-from gnr.eval_speed import pass_seconds, prepare_model, project_seconds
-from gnr.evaluate import image_batches, load_run_model
+from gnr.eval import image_batches, load_run_model, pass_seconds, prepare_model, project_seconds, run_autoattack
 
 
 def bench_eval(run_id: str, *, uri: str | None = None, weights: str = "ema", n: int = 16,

@@ -65,7 +65,7 @@ def test_summary_profiles_each_autoattack_attack(evaluated):
     assert rows[0]["images"] == N and all(r["precision"] == "fp32" for r in rows)
     assert [r["images"] for r in rows[1:]] == [r["robust"] for r in rows[:-1]]
     assert rows[-1]["robust"] / N == pytest.approx(evaluated["eval"]["accuracy"]["autoattack/eps4"])
-    from gnr.autoattack import upper_bound_passes
+    from gnr.eval import upper_bound_passes
 
     bound = upper_bound_passes(10)
     for r in rows[1:]:  # every image these attacked was correct; one that no attack breaks costs the bound
@@ -136,7 +136,7 @@ def _first_val_keys(demo_run: dict, tmp_path, n: int) -> list[str]:
 
 
 def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run, gnr_home, tmp_path, monkeypatch):
-    from gnr.evaluate import EvalSpec, evaluate
+    from gnr.eval import EvalSpec, evaluate
 
     cache = tmp_path / "volume" / "eval-cache"  # where the chart's eval pods keep finished batches
     monkeypatch.setenv("GNR_EVAL_CACHE", str(cache))
@@ -166,7 +166,7 @@ def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run,
 
 
 def test_ids_file_selects_the_first_n_listed_images(demo_run, gnr_home, tmp_path):
-    from gnr.evaluate import EvalSpec, evaluate
+    from gnr.eval import EvalSpec, evaluate
 
     keys = _first_val_keys(demo_run, tmp_path, 40)
     listed = [keys[5], "digit-9999", keys[2], keys[39], keys[7]]  # one id that is not in the split
@@ -193,7 +193,7 @@ def _columns(text: str, ids: list[str], columns: list[str]) -> str:
 def test_a_later_evaluation_adds_to_what_the_run_holds(demo_run, gnr_home, tmp_path):
     """Issue 19: AutoAttack, then clean on more images, on one run (seed 7: a table of its own). Both sets of
     flags are in the table locally and in MLflow, the first byte for byte; metrics are added, none reset."""
-    from gnr.evaluate import EvalSpec, evaluate
+    from gnr.eval import EvalSpec, evaluate
 
     client = MlflowClient(tracking_uri=demo_run["uri"])
     first = evaluate(demo_run["run_id"], EvalSpec(attacks=("autoattack",), eps=(64.0,), n=4, batch_size=4, seed=7),
@@ -229,7 +229,7 @@ def test_a_later_evaluation_adds_to_what_the_run_holds(demo_run, gnr_home, tmp_p
 
 def test_external_weights_are_evaluated_as_a_new_run(evaluated, gnr_home, tmp_path):
     from gnr.config import build_config
-    from gnr.evaluate import EvalSpec, evaluate_external
+    from gnr.eval import EvalSpec, evaluate_external
 
     client = MlflowClient(tracking_uri=evaluated["uri"])
     weights = client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))

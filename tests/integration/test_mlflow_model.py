@@ -24,7 +24,7 @@ def test_logged_model_loads_with_mlflow_and_gives_gnr_logits(demo_run, client, t
     import mlflow
     import yaml
 
-    from gnr.evaluate import load_run_model
+    from gnr.eval import load_run_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", demo_run["uri"])
     run_id = demo_run["run_id"]

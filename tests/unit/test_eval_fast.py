@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gnr.autoattack import STANDARD, PassCounter, run_autoattack, upper_bound_passes
-from gnr.eval_speed import prepare_model
+from gnr.eval import STANDARD, PassCounter, prepare_model, run_autoattack, upper_bound_passes
 
 EPS = (2 / 255, 16 / 255)
 

@@ -1,0 +1,34 @@
+"""Evaluation: robust accuracy of trained models (clean, PGD-k, standard AutoAttack), what it costs, and
+where the results live. The CLI, the analyses and the benchmarks use what this module exports.
+
+- :mod:`~gnr.eval.spec`: what to measure (attacks × ε) and the sanity checks across measures.
+- :mod:`~gnr.eval.runs` / :mod:`~gnr.eval.images`: the evaluated model, the evaluated images.
+- :mod:`~gnr.eval.attacks`: PGD / FGSM, shared with adversarial training; :mod:`~gnr.eval.scoring`: the
+  trainer's held-out check; :mod:`~gnr.eval.autoattack`: the standard suite one attack at a time.
+- :mod:`~gnr.eval.verdicts`: per image, one measure's verdict.
+- :mod:`~gnr.eval.speed`: how the attacked model runs (compiled, channels-last, batch size) and its pass times.
+- :mod:`~gnr.eval.engine`: the evaluation itself, sharded over ranks and resumable.
+- :mod:`~gnr.eval.results`: per-batch results on disk, the run's merged table, metrics and tags.
+- :mod:`~gnr.eval.progress` / :mod:`~gnr.eval.projection`: what it reports while it runs, what it will cost.
+"""
+
+from gnr.eval.attacks import FGSM_STEP, fgsm, pgd, summed_ce
+from gnr.eval.autoattack import (PRECISIONS, STANDARD, AttackStats, AutoAttackResult, PassCounter, Recheck,
+                                 run_autoattack, upper_bound_passes)
+from gnr.eval.engine import evaluate, evaluate_external
+from gnr.eval.images import Batch, image_batches, load_ids, normalise_id
+from gnr.eval.progress import AttackProgress, BatchProgress, EvalPlan
+from gnr.eval.results import EvalResult, ResultTable, metric_prefix, write_rows
+from gnr.eval.runs import RunModel, build_evaluated_model, load_run_model, model_source
+from gnr.eval.scoring import autocast, clean_and_pgd_accuracy
+from gnr.eval.spec import EvalSpec, Measure, parse_attacks, parse_eps, pgd_step, sanity_warnings
+from gnr.eval.speed import pass_seconds, prepare_model, project_seconds
+from gnr.eval.verdicts import predicts, robust_correct, seeded
+
+__all__ = ["FGSM_STEP", "PRECISIONS", "STANDARD", "AttackProgress", "AttackStats", "AutoAttackResult", "Batch",
+           "BatchProgress", "EvalPlan", "EvalResult", "EvalSpec", "Measure", "PassCounter", "Recheck", "ResultTable",
+           "RunModel", "autocast", "build_evaluated_model", "clean_and_pgd_accuracy", "evaluate", "evaluate_external",
+           "fgsm", "image_batches", "load_ids", "load_run_model", "metric_prefix", "model_source", "normalise_id",
+           "parse_attacks", "parse_eps", "pass_seconds", "pgd", "pgd_step", "predicts", "prepare_model",
+           "project_seconds", "robust_correct", "run_autoattack", "sanity_warnings", "seeded", "summed_ce",
+           "upper_bound_passes", "write_rows"]
