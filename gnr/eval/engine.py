@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -31,37 +32,46 @@ from gnr.errors import GnrError
 from gnr.eval import speed
 from gnr.eval.autoattack import PRECISIONS, STANDARD as STANDARD_ATTACKS, AttackStats, Recheck
 from gnr.eval.images import image_batches, load_ids
+from gnr.eval.phases import Phase, Phases
 from gnr.eval.progress import AttackProgress, BatchProgress, EvalPlan, Tracker
-from gnr.eval.projection import measure_passes, plan, work
+from gnr.eval.projection import add_efficiency, measure_passes, plan, work
 from gnr.eval.results import (BatchCache, EvalResult, accuracy_of, attack_table, cache_dir, local_table, log_to_run,
                               metric_prefix, recheck_table, sanity_warnings)
 from gnr.eval.runs import build_evaluated_model, load_run_model
 from gnr.eval.spec import EvalSpec
 from gnr.eval.verdicts import robust_correct, seeded
 
+Event = EvalPlan | AttackProgress | Phase
+
+
 def evaluate(run_id: str, spec: EvalSpec, *, uri: str | None = None,
              on_batch: Callable[[BatchProgress], None] | None = None,
-             on_event: Callable[[EvalPlan | AttackProgress], None] | None = None) -> EvalResult:
+             on_event: Callable[[Event], None] | None = None, profile: bool = False) -> EvalResult:
     """Evaluate a run's ``spec.weights`` (ema | raw) and log the results into that run. A run left
-    RUNNING by a process that is gone is reported and marked FAILED first."""
+    RUNNING by a process that is gone is reported and marked FAILED first. Rank 0 reports each phase,
+    the plan and each attack to ``on_event``; ``profile`` adds each attack's efficiency (see
+    :func:`gnr.eval.projection.add_efficiency`) to the result."""
     from gnr.tracking import fix_stale_run, system_metrics
 
     dist = distributed.init(spec.device)
+    phases = Phases(on_event if dist.is_main else None)
     try:
         stale = fix_stale_run(run_id, uri) if dist.is_main else None
         if stale:
             logging.getLogger(__name__).warning(stale)
-        loaded = load_run_model(run_id, spec.weights, uri, dist.device)
+        with phases.phase(f"load run {run_id} ({spec.weights} weights)"):
+            loaded = load_run_model(run_id, spec.weights, uri, dist.device)
         identity = {"run_id": run_id, "weights": loaded.digest}
         with system_metrics(run_id, uri, loaded.cfg, dist):
-            return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch, on_event)
+            return _run(loaded.model, loaded.cfg, run_id, identity, spec, dist, uri, on_batch, phases, profile)
     finally:
+        phases.close()
         distributed.close()
 
 
 def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
                       on_batch: Callable[[BatchProgress], None] | None = None,
-                      on_event: Callable[[EvalPlan | AttackProgress], None] | None = None) -> EvalResult:
+                      on_event: Callable[[Event], None] | None = None, profile: bool = False) -> EvalResult:
     """Evaluate a checkpoint from elsewhere (timm, RobustBench) with ``cfg``'s model and data, as a new run."""
     from gnr.tracking import NOTE_TAG, RunWriter, create_run, system_metrics
 
@@ -70,10 +80,12 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         raise GnrError(f"weights file not found: {path}")
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "weights": str(path)})})
     dist = distributed.init(spec.device)
+    phases = Phases(on_event if dist.is_main else None)
     writer = None
     status = "FAILED"
     try:
-        model = build_evaluated_model(cfg, path, dist.device)  # a bad file fails before a run exists
+        with phases.phase(f"load {path.name} as {cfg.model.name}"):
+            model = build_evaluated_model(cfg, path, dist.device)  # a bad file fails before a run exists
         note = f"Evaluation of external weights `{path.name}` as `{cfg.model.name}` (no training)."
         run_id = create_run(cfg, tags={"source": "external", "weights_file": str(path), NOTE_TAG: note},
                             status="RUNNING", entry_point="gnr eval") \
@@ -83,12 +95,13 @@ def evaluate_external(weights_file: str | Path, cfg: RunConfig, spec: EvalSpec,
         identity = {"run_id": run_id, "weights": file_sha256(path)}
         with system_metrics(run_id, cfg.tracking.uri, cfg, dist):
             result = _run(model, cfg, run_id, identity, replace(spec, weights="file"), dist, cfg.tracking.uri,
-                          on_batch, on_event)
+                          on_batch, phases, profile)
         status = "FINISHED"
         return result
     finally:
         if writer is not None:
             writer.finish(status)
+        phases.close()
         distributed.close()
 
 
@@ -105,7 +118,7 @@ class Shard:
 
 
 def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: EvalSpec,
-         dist: distributed.Dist, uri: str | None, on_batch, on_event=None) -> EvalResult:
+         dist: distributed.Dist, uri: str | None, on_batch, phases: Phases, profile: bool) -> EvalResult:
     from gnr.data.loader import with_resolved_source
 
     started = time.perf_counter()
@@ -117,12 +130,13 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
         identity = {**identity, "precision": spec.precision}
     cache = BatchCache(cache_dir({**identity, "source": cfg.data.source, "split": split, "seed": spec.seed,
                                  "img_size": cfg.data.img_size, "eval_resize": cfg.data.eval_resize}))
-    model, prepared = speed.prepare_model(model, dist.device, compile=spec.compile)
+    model, prepared = speed.prepare_model(model, dist.device, compile=spec.compile, phases=phases)
     if spec.batch_size is None:
-        spec = replace(spec, batch_size=speed.auto_batch_size(model, cfg.data.img_size, dist.device))
-    main = dist.is_main
-    mine = _evaluate_shard(model, cfg, spec, split, cache, dist, on_batch if main else None,
-                           on_event if main else None, {**prepared, "precision": spec.precision})
+        with phases.phase("batch size from free memory"):
+            spec = replace(spec, batch_size=speed.auto_batch_size(model, cfg.data.img_size, dist.device))
+    speed.compile_graphs(model, cfg.data.img_size, spec.batch_size, dist.device, phases)
+    mine = _evaluate_shard(model, cfg, spec, split, cache, dist, on_batch if dist.is_main else None, phases,
+                           {**prepared, "precision": spec.precision})
     shard = _gather(mine)
     if not shard.rows:
         raise GnrError("no images selected: check --data, --ids and --n")
@@ -142,8 +156,11 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
                                   "precision": spec.precision},
                         attacks=attack_table(shard.attacks), rechecks=recheck_table(shard.rechecks),
                         attack_warnings=attack_warnings)
+    if dist.is_main and profile:
+        add_efficiency(result.attacks, model, cfg.data.img_size, dist.device, phases)
     if dist.is_main:
-        log_to_run(result, rows, uri)
+        with phases.phase(f"log results into run {run_id}"):
+            log_to_run(result, rows, uri)
     # Ranks tear the process group down together: a rank that exits while rank 0 still logs was seen
     # aborting at exit ("terminate called without an active exception") under load.
     distributed.barrier()
@@ -151,7 +168,7 @@ def _run(model: nn.Module, cfg: RunConfig, run_id: str, identity: dict, spec: Ev
 
 
 def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str, cache: BatchCache,
-                    dist: distributed.Dist, on_batch, on_event=None, settings: dict | None = None) -> Shard:
+                    dist: distributed.Dist, on_batch, phases: Phases, settings: dict) -> Shard:
     """This rank's images, batch by batch: cached results where every measure is on disk, else attacked."""
     measures = spec.measures()
     done = cache.load()
@@ -159,16 +176,18 @@ def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str
     shard = Shard()
     computed_images, computed_s = 0, 0.0
     total = _expected_images(cfg, spec, split, dist.world)
-    tracker = Tracker(total, on_event)
-    if on_event:
-        on_event(plan(model, cfg, spec, total, dist, settings or {}))
+    tracker = Tracker(total, phases.emit)
+    if dist.is_main:
+        with phases.phase("model-pass probe"):
+            projected = plan(model, cfg, spec, total, dist, settings)
+        phases.emit(projected)
     for x, y, keys in image_batches(cfg, split=split, ids=spec.ids, n=spec.n, batch_size=spec.batch_size,
                                     rank=dist.rank, world=dist.world):
         shard.batches += 1
         todo = [m for m in measures if any(m.name not in done.get(k, {}) for k in keys)]
         if todo:
             t0 = time.perf_counter()
-            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec, shard, tracker)
+            rows = _attack_batch(model, x.to(dist.device), y.to(dist.device), keys, todo, spec, shard, tracker, phases)
             cache.write(rows)
             for row in rows:
                 done.setdefault(row["id"], {}).update(row)
@@ -195,7 +214,8 @@ def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> 
     return -(-min(chosen, available) // world)
 
 
-def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tracker: Tracker) -> list[dict]:
+def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tracker: Tracker,
+                  phases: Phases) -> list[dict]:
     batch_seed = (spec.seed * 1_000_003 + zlib.crc32("\n".join(keys).encode())) % 2**63
     columns = {}
     costs = [work(measure_passes(m, 1000)[1]) for m in measures]  # ETA weights: the worst case of each
@@ -209,9 +229,10 @@ def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tra
                                (sum(costs[:i]) + upto) / sum(costs))
 
         rechecks: list[Recheck] = []
-        with seeded(batch_seed, x.device):
+        with seeded(batch_seed, x.device), \
+                phases.phase(f"{m.name} on {len(keys)} images") if m.attack != "autoattack" else nullcontext():
             flags = robust_correct(model, x, y, m, spec.seed, shard.warnings, precision=spec.precision,
-                                   on_attack=on_attack, rechecks=rechecks)
+                                   on_attack=on_attack, rechecks=rechecks, phases=phases)
         shard.rechecks += [(m.name, r) for r in rechecks]
         columns[m.name] = flags.tolist()
         if m.attack != "autoattack":

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -85,15 +86,18 @@ def metric_prefix(weights: str, precision: str = "fp32", seed: int = 0) -> str:
 
 
 def attack_table(entries: Iterable[tuple[str, AttackStats]]) -> list[dict]:
-    """Per measure and attack, summed over batches (and ranks): images attacked, still robust, seconds, passes."""
+    """Per measure and attack, summed over batches (and ranks): images attacked, still robust, seconds, passes
+    (and the calls behind them per batch size)."""
     table: dict[tuple[str, str, str], dict] = {}
     for measure, s in entries:
         row = table.setdefault((measure, s.attack, s.precision), {
             "measure": measure, "attack": s.attack, "precision": s.precision, "eps_255": s.eps,
-            "images": 0, "robust": 0, "seconds": 0.0, "forward": 0, "backward": 0})
-        for key in ("images", "robust", "seconds", "forward", "backward"):
-            row[key] += getattr(s, key)
-    return list(table.values())
+            "images": 0, "robust": 0, "seconds": 0.0, "forward": 0, "backward": 0,
+            "forward_calls": Counter(), "backward_calls": Counter()})
+        for key in ("images", "robust", "seconds", "forward", "backward", "forward_calls", "backward_calls"):
+            row[key] += getattr(s, key) if "calls" not in key else Counter(getattr(s, key))
+    return [{**row, "forward_calls": dict(row["forward_calls"]), "backward_calls": dict(row["backward_calls"])}
+            for row in table.values()]
 
 
 def recheck_table(entries: Iterable[tuple[str, Recheck]]) -> dict[str, dict]:

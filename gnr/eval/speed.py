@@ -8,11 +8,12 @@ compute (up to float reassociation; a CPU test checks that the per-image flags s
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
+
+from gnr.eval.phases import Phases
 
 DEFAULT_BATCH = 100  # images per attacked batch where free memory cannot be read (CPU)
 MAX_BATCH = 1000
@@ -21,9 +22,10 @@ PROBE_BATCH = 8
 
 
 def prepare_model(model: nn.Module, device: torch.device, *, compile: bool | None = None,
-                  channels_last: bool | None = None) -> tuple[nn.Module, dict]:
+                  channels_last: bool | None = None, phases: Phases | None = None) -> tuple[nn.Module, dict]:
     """The model to attack and how it was prepared: channels-last and compiled where asked, by default
-    on CUDA (compiling pays off over thousands of images, not over a few on a CPU)."""
+    on CUDA (compiling pays off over thousands of images, not over a few on a CPU). Each graph the
+    compiler builds is a phase of ``phases``."""
     cuda = device.type == "cuda"
     channels_last = cuda if channels_last is None else channels_last
     compiled = cuda if compile is None else compile
@@ -31,8 +33,23 @@ def prepare_model(model: nn.Module, device: torch.device, *, compile: bool | Non
         return model, {"compile": False, "channels_last": False}
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Prepared(torch.compile(model) if compiled else model, channels_last), \
+    return Prepared(model, channels_last, _GraphCounter(phases or Phases()) if compiled else None), \
         {"compile": compiled, "channels_last": channels_last}
+
+
+class _GraphCounter:
+    """inductor, reporting each graph it is given as a phase and counting them: a recompile mid-attack
+    costs as much as the first compile, so their number is checked by a test and shown in the log."""
+
+    def __init__(self, phases: Phases):
+        self.phases, self.graphs = phases, 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        with self.phases.phase(f"compile graph {self.graphs} ({len(gm.graph.nodes)} nodes)"):
+            return compile_fx(gm, example_inputs)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -49,21 +66,51 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class Prepared(nn.Module):
-    """Runs ``model`` (compiled or not) on a channels-last copy of its input where asked; inputs and
-    their gradients keep the default layout. The batch dimension is marked dynamic, so a compiled
-    model is not recompiled for each batch size (AutoAttack attacks the images still robust); only
-    that dimension, since symbolic image sizes break some models in inductor (timm's ConvNeXt stem)."""
+    """Runs the frozen ``model`` (compiled or not) on a channels-last copy of its input where asked; inputs
+    and their gradients keep the default layout.
 
-    def __init__(self, model: nn.Module, channels_last: bool):
+    A compiled model needs two graphs whatever the attacks do: a forward without gradients and a forward
+    with the input's gradient. So that no attack adds one, a forward with gradients enabled but nothing
+    to differentiate (pyautoattack's checks) runs without them, the batch dimension is dynamic (the
+    attacks shrink the batch as images get broken; only that dimension, since symbolic image sizes break
+    some models in inductor, timm's ConvNeXt stem), and a batch of one image goes through as two copies
+    of it (dynamo specialises a dimension of size one, which would be a graph of its own)."""
+
+    def __init__(self, model: nn.Module, channels_last: bool, compiler: _GraphCounter | None = None):
         super().__init__()
-        self.model, self.channels_last = model, channels_last
+        self.channels_last, self.compiler = channels_last, compiler
+        self.model = torch.compile(model, backend=compiler) if compiler else model
+
+    @property
+    def graphs(self) -> int:
+        """Graphs compiled so far."""
+        return self.compiler.graphs if self.compiler else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.requires_grad:
+            with torch.no_grad():
+                return self.forward(x)
+        single = self.compiler is not None and x.shape[0] == 1
+        if single:
+            x = torch.cat([x, x])
         x = _ContiguousGrad.apply(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         torch._dynamo.maybe_mark_dynamic(x, 0)
-        return self.model(x)
+        out = self.model(x)
+        return out[:1] if single else out
+
+
+def compile_graphs(model: nn.Module, img_size: int, batch_size: int, device: torch.device, phases: Phases) -> None:
+    """Build a compiled model's graphs before the attacks, each its own phase: the forward, then the
+    forward and backward (the backward compiles at its first call)."""
+    if not isinstance(model, Prepared) or model.compiler is None:
+        return
+    x = _images(max(batch_size, 2), img_size, device)
+    with phases.phase("compile: forward"), torch.no_grad():
+        model(x)
+    with phases.phase("compile: forward and backward"):
+        _forward_backward(model, x)
 
 
 def auto_batch_size(model: nn.Module, img_size: int, device: torch.device) -> int:
@@ -80,27 +127,79 @@ def auto_batch_size(model: nn.Module, img_size: int, device: torch.device) -> in
     return int(max(1, min(MAX_BATCH, MEMORY_SHARE * free // per_image)))
 
 
-def pass_seconds(model: nn.Module, img_size: int, batch_size: int, device: torch.device,
-                 reps: int = 3) -> dict[str, float]:
-    """Seconds per image of a forward (no grad) and of a backward to the input (forward + backward minus
-    forward), medians of ``reps`` timed batches after one warm-up of each."""
-    x = _images(batch_size, img_size, device)
+def pass_times(model: nn.Module, img_size: int, batch_sizes, device: torch.device,
+               reps: int = 5, budget_s: float = 0.5) -> dict[int, tuple[float, float]]:
+    """Seconds per call of a forward (no grad) and of a forward with a backward to the input, at each batch
+    size: the fastest of at least ``reps`` timed calls (more, up to 20, while within ``budget_s``) after
+    a warm-up call. The fastest, not the median: on a shared machine the slower calls measure the
+    neighbours, and what a pass costs is what it costs undisturbed."""
 
-    def timed(fn) -> float:
+    def timed(fn, x) -> float:
         fn(x)
-        times = []
-        for _ in range(reps):
+        times: list[float] = []
+        while len(times) < reps or (len(times) < 20 and sum(times) < budget_s):
             _sync(device)
             t0 = time.perf_counter()
             fn(x)
             _sync(device)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times) / batch_size
+        return min(times)
 
-    with torch.no_grad():
-        forward = timed(model)
-    both = timed(lambda z: _forward_backward(model, z))
-    return {"forward_s": forward, "backward_s": max(both - forward, 0.0)}
+    out = {}
+    for b in sorted(set(batch_sizes)):
+        x = _images(b, img_size, device)
+        with torch.no_grad():
+            forward = timed(model, x)
+        out[b] = (forward, timed(lambda z: _forward_backward(model, z), x))
+    return out
+
+
+def pass_seconds(model: nn.Module, img_size: int, batch_size: int, device: torch.device,
+                 reps: int = 5) -> dict[str, float]:
+    """Seconds per image of a forward (no grad) and of a backward to the input (forward + backward minus
+    forward) at ``batch_size``."""
+    forward, both = pass_times(model, img_size, [batch_size], device, reps)[batch_size]
+    return {"forward_s": forward / batch_size, "backward_s": max(both - forward, 0.0) / batch_size}
+
+
+def timed_batches(sizes, most: int = 12) -> list[int]:
+    """The batch sizes to time for calls at ``sizes``: all of them, or ``most`` spread geometrically between
+    the smallest and the largest (the cost of the others is interpolated, see :func:`model_seconds`)."""
+    sizes = sorted(set(sizes))
+    if len(sizes) <= most:
+        return sizes
+    lo, hi = sizes[0], sizes[-1]
+    return sorted({round(lo * (hi / lo) ** (i / (most - 1))) for i in range(most)})
+
+
+def model_seconds(forward_calls: dict[int, int], backward_calls: dict[int, int],
+                  times: dict[int, tuple[float, float]]) -> float:
+    """What the model passes alone cost: each forward call at its batch size × the forward's time there,
+    each backward call × (forward and backward − forward); sizes not timed are interpolated linearly."""
+    sizes = sorted(times)
+
+    def at(b: int, which: int) -> float:
+        if b in times:
+            return times[b][which]
+        lo = max([s for s in sizes if s < b], default=sizes[0])
+        hi = min([s for s in sizes if s > b], default=sizes[-1])
+        if lo == hi:
+            return times[lo][which] * b / lo
+        w = (b - lo) / (hi - lo)
+        return (1 - w) * times[lo][which] + w * times[hi][which]
+
+    return sum(n * at(int(b), 0) for b, n in forward_calls.items()) + \
+        sum(n * max(at(int(b), 1) - at(int(b), 0), 0.0) for b, n in backward_calls.items())
+
+
+def fastest_batch(model: nn.Module, img_size: int, device: torch.device, candidates, mix: tuple[float, float],
+                  reps: int = 1) -> tuple[int, dict[str, float]]:
+    """The batch size, of ``candidates``, at which ``mix`` = (forward, backward) passes cost least per image,
+    and the seconds per forward and backward image there."""
+    times = pass_times(model, img_size, candidates, device, reps)
+    per_image = {b: {"forward_s": f / b, "backward_s": max(fb - f, 0.0) / b} for b, (f, fb) in times.items()}
+    best = min(per_image, key=lambda b: mix[0] * per_image[b]["forward_s"] + mix[1] * per_image[b]["backward_s"])
+    return best, per_image[best]
 
 
 def _images(batch_size: int, img_size: int, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from gnr.eval.attacks import pgd
 from gnr.eval.autoattack import Recheck, run_autoattack
+from gnr.eval.phases import Phases
 from gnr.eval.spec import Measure, pgd_step
 
 
@@ -19,16 +20,18 @@ def predicts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, measure: Measure, seed: int,
                    aa_log: list[str], *, precision: str = "fp32", on_attack=None,
-                   rechecks: list[Recheck] | None = None) -> torch.Tensor:
+                   rechecks: list[Recheck] | None = None, phases: Phases | None = None) -> torch.Tensor:
     """Per image: is it classified correctly and does it survive ``measure``'s attack?
 
-    AutoAttack reports each attack of its suite to ``on_attack`` and, in bf16, its fp32 re-check to ``rechecks``.
+    AutoAttack runs each attack of its suite as a phase of ``phases``, reports its stats to ``on_attack``
+    and, in bf16, its fp32 re-check to ``rechecks``.
     """
     if measure.attack == "clean":
         return predicts(model, x, y)
     eps = measure.eps / 255
     if measure.attack == "autoattack":
-        result = run_autoattack(model, x, y, eps=eps, seed=seed, log=aa_log, precision=precision, on_attack=on_attack)
+        result = run_autoattack(model, x, y, eps=eps, seed=seed, log=aa_log, precision=precision, on_attack=on_attack,
+                                phases=phases)
         if result.recheck is not None and rechecks is not None:
             rechecks.append(result.recheck)
         return result.flags

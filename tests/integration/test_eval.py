@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import pytest
 import torch
@@ -281,34 +282,54 @@ def test_submit_dry_run_hands_the_same_evaluation_to_the_pod(helm):  # noqa: F81
     assert options["--ids"] == "robustbench" and options["--limit"] == "50"  # torchrun would claim --n
 
 
-def test_plain_progress_projects_the_cost_then_reports_each_attack(demo_run, gnr_home):
-    """Not on a terminal: plain lines on stderr, the projection first. At 64/255 APGD-CE breaks every image.
-    Last in this file: it logs eval-raw/* into the shared run, replacing what earlier tests read."""
+def test_plain_progress_says_what_it_does_from_the_start(demo_run, gnr_home):
+    """Not on a terminal: plain lines on stderr, each phase as it starts and ends with its wall time (loading,
+    the model-pass probe, each attack at each ε, logging), the projection before the first attack.
+    At 64/255 APGD-CE breaks every image. It adds its measures to the shared run's eval-raw table."""
     proc = run_gnr("eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", 3,
                    "--attacks", "clean,autoattack", "--eps", "64", "--weights", "raw", "--profile", check=True)
     lines = proc.stderr.splitlines()
-    plan = next(i for i, line in enumerate(lines) if "projected" in line)
-    assert "3 images on cpu" in lines[plan]
-    attack = next(i for i, line in enumerate(lines) if line.startswith("autoattack/eps64 apgd-ce: 3/3 images, robust 0/3"))
-    assert plan < attack and "ETA" in lines[attack]
-    assert "apgd-ce" in proc.stdout and "fwd/img" in proc.stdout  # --profile's table
+
+    def at(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.match(pattern, line))
+
+    load = at(rf"eval: load run {demo_run['run_id']} \(raw weights\): started$")
+    assert re.match(r"eval: load run \w+ \(raw weights\): done in \d+\.\d s$", lines[load + 1]), lines[load + 1]
+    probe, plan = at(r"eval: model-pass probe: done in"), at(r"eval: 3 images on cpu .*projected")
+    attack = at(r"eval: apgd-ce at 64/255 on [1-3] images: started$")  # the correctly classified ones
+    done = at(r"eval: apgd-ce at 64/255 on [1-3] images: done in \d+\.\d s$")
+    progress = at(r"autoattack/eps64 apgd-ce: 3/3 images, robust 0/3 .*ETA")
+    assert load < probe < plan < attack < done < progress
+    assert at(r"eval: pgd10/eps64 on 3 images: done in") > progress
+    assert at(r"eval: model-pass probe \(fp32\) at") < at(rf"eval: log results into run {demo_run['run_id']}: done in")
+    assert "autoattack/eps64 (fp32)" in proc.stdout and "apgd-ce" in proc.stdout and "eff." in proc.stdout  # --profile
 
 
-def test_bench_eval_pass_counts_add_up(demo_run, gnr_home):
+def test_bench_eval_samples_by_margin_counts_passes_and_projects(demo_run, gnr_home):
     proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
-                   "--n", 3, "--eps", "64", "--model", "test_convnext", "--img-size", 32, "--batch-size", 3, "--json",
-                   check=True)
+                   "--n", 8, "--pool", 24, "--eps", "64", "--model", "test_convnext", "--img-size", 32, "--batch-size", 4,
+                   "--json", check=True)
     result = json.loads(proc.stdout)
+    assert (result["n"], result["pool"]) == (8, 24)
+    assert sum(s["population"] for s in result["strata"]) == 24 and sum(s["sample"] for s in result["strata"]) == 8
     (entry,) = result["eps"]
     attacks = entry["attacks"]
-    assert attacks[0]["attack"] == "apgd-ce" and attacks[0]["images"] == 3
+    assert attacks[0]["attack"] == "apgd-ce" and attacks[0]["images"] == result["clean"]
     assert entry["forward"] == sum(a["forward"] for a in attacks) > 0
     assert entry["backward"] == sum(a["backward"] for a in attacks) > 0
     assert entry["robust"] == attacks[-1]["robust_after"]
     for a in attacks:
-        assert a["forward_per_image"] == pytest.approx(a["forward"] / 3)
+        assert a["forward_per_image"] == pytest.approx(a["forward"] / 8)
+        assert a["model_s"] > 0 and a["efficiency"] == pytest.approx(a["model_s"] / a["seconds"])
+    assert sum(s["sample"] * s["forward_per_image"] for s in entry["strata"]) == pytest.approx(entry["forward"])
     projection = entry["projection"]
     assert projection["total_s"] == pytest.approx(sum(projection["per_attack_s"].values()), abs=0.5)
+    low, high = projection["ci95_s"]
+    assert low <= projection["total_s"] <= high
+    assert result["projected_model"]["batch_size"] == 4  # the only size tried
+    for phase in ("load run", "read a pool of up to 24 images", "clean margins of 24 images", "apgd-ce at 64/255",
+                  "model-pass probe (fp32)", "build test_convnext at 32 px", "time test_convnext passes (fp32)"):
+        assert re.search(rf"^bench eval: {re.escape(phase)}.*: done in \d+\.\d s$", proc.stderr, re.M), phase
     proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
                    "--n", 3, "--eps", "64", "--no-project", check=True)
     assert "apgd-ce" in proc.stdout and "total" in proc.stdout  # the table, by default
