@@ -52,7 +52,6 @@ def cache_dir(identity: dict) -> Path:
     return paths.eval_cache_root() / identity["run_id"] / digest
 
 
-
 @dataclass
 class EvalResult:
     run_id: str
@@ -94,8 +93,10 @@ def attack_table(entries: Iterable[tuple[str, AttackStats]]) -> list[dict]:
             "measure": measure, "attack": s.attack, "precision": s.precision, "eps_255": s.eps,
             "images": 0, "robust": 0, "seconds": 0.0, "forward": 0, "backward": 0,
             "forward_calls": Counter(), "backward_calls": Counter()})
-        for key in ("images", "robust", "seconds", "forward", "backward", "forward_calls", "backward_calls"):
-            row[key] += getattr(s, key) if "calls" not in key else Counter(getattr(s, key))
+        for key in ("images", "robust", "seconds", "forward", "backward"):
+            row[key] += getattr(s, key)
+        row["forward_calls"].update(s.forward_calls)
+        row["backward_calls"].update(s.backward_calls)
     return [{**row, "forward_calls": dict(row["forward_calls"]), "backward_calls": dict(row["backward_calls"])}
             for row in table.values()]
 

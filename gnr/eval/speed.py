@@ -69,12 +69,13 @@ class Prepared(nn.Module):
     """Runs the frozen ``model`` (compiled or not) on a channels-last copy of its input where asked; inputs
     and their gradients keep the default layout.
 
-    A compiled model needs two graphs whatever the attacks do: a forward without gradients and a forward
-    with the input's gradient. So that no attack adds one, a forward with gradients enabled but nothing
-    to differentiate (pyautoattack's checks) runs without them, the batch dimension is dynamic (the
-    attacks shrink the batch as images get broken; only that dimension, since symbolic image sizes break
-    some models in inductor, timm's ConvNeXt stem), and a batch of one image goes through as two copies
-    of it (dynamo specialises a dimension of size one, which would be a graph of its own)."""
+    A compiled model needs a forward without gradients and a forward with the input's gradient, built
+    before the attacks (:func:`compile_graphs`). So that no attack adds a graph, a forward with gradients
+    enabled but nothing to differentiate (pyautoattack's checks) runs without them, the batch dimension
+    is dynamic (the attacks shrink the batch as images get broken; only that dimension, since symbolic
+    image sizes break some models in inductor, timm's ConvNeXt stem), and a batch of one image goes
+    through as two copies of it (dynamo specialises a dimension of size one, which would be a graph of
+    its own)."""
 
     def __init__(self, model: nn.Module, channels_last: bool, compiler: _GraphCounter | None = None):
         super().__init__()
@@ -102,15 +103,20 @@ class Prepared(nn.Module):
 
 
 def compile_graphs(model: nn.Module, img_size: int, batch_size: int, device: torch.device, phases: Phases) -> None:
-    """Build a compiled model's graphs before the attacks, each its own phase: the forward, then the
-    forward and backward (the backward compiles at its first call)."""
+    """Build a compiled model's graphs before the attacks, each its own phase: the forward, then the forward
+    and backward (the backward compiles at its first call), at ``batch_size`` and every halving of it down
+    to two images. A dynamic batch dimension still carries the guards of size-dependent kernel choices
+    (a convolution's backend, e.g. oneDNN from 16 images, cuDNN's depthwise heuristics), so a batch that
+    shrinks past one would compile again mid-attack; building them all here keeps the attacks free of it."""
     if not isinstance(model, Prepared) or model.compiler is None:
         return
-    x = _images(max(batch_size, 2), img_size, device)
-    with phases.phase("compile: forward"), torch.no_grad():
-        model(x)
-    with phases.phase("compile: forward and backward"):
-        _forward_backward(model, x)
+    sizes = sorted({max(batch_size >> k, 2) for k in range(batch_size.bit_length())}, reverse=True)
+    with phases.phase(f"compile: forward at batch sizes {', '.join(map(str, sizes))}"), torch.no_grad():
+        for b in sizes:
+            model(_images(b, img_size, device))
+    with phases.phase("compile: forward and backward at the same sizes"):
+        for b in sizes:
+            _forward_backward(model, _images(b, img_size, device))
 
 
 def auto_batch_size(model: nn.Module, img_size: int, device: torch.device) -> int:

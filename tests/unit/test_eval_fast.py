@@ -51,21 +51,22 @@ def exact(digits_model):
     return out
 
 
-def test_compiled_channels_last_model_gives_the_exact_verdicts_from_two_graphs(digits_model, exact):
-    """Whole AutoAttack runs at two ε, then one of a single image: the eager verdicts, and the two graphs
-    built before the attacks (forward; forward and backward) are all there ever are: no attack, shrinking
-    batch or batch of one compiles another."""
+def test_compiled_model_gives_the_exact_verdicts_from_graphs_built_before_the_attacks(digits_model, exact):
+    """Whole AutoAttack runs at two ε, then one of a single image, through the compiled channels-last model:
+    the eager verdicts, and no graph beyond those built before the attacks. They are built from 32 images
+    down, so both sides of oneDNN's 16-image threshold (a guard on the dynamic batch) are among them; the
+    attacks' shrinking batches, and a batch of one, then find a graph for every size."""
     model, x, y = digits_model
     events = []
     phases = Phases(events.append)
     fast, settings = prepare_model(copy.deepcopy(model), torch.device("cpu"), compile=True, channels_last=True,
                                    phases=phases)
     assert settings == {"compile": True, "channels_last": True}
-    compile_graphs(fast, 8, len(y), torch.device("cpu"), phases)
+    compile_graphs(fast, 8, 32, torch.device("cpu"), phases)
     phases.close()
-    assert fast.graphs == 2
-    assert [(p.name.split(" (")[0], p.state) for p in events if p.name.startswith("compile graph")] == [
-        ("compile graph 1", "start"), ("compile graph 1", "end"), ("compile graph 2", "start"), ("compile graph 2", "end")]
+    built = fast.graphs
+    assert 2 <= built <= 4  # forward, forward and backward; on each side of a size-dependent kernel choice
+    assert [e.state for e in events if e.name.startswith("compile graph")] == ["start", "end"] * built
     robust, batches = [], set()
     for eps in EPS:
         result = run_autoattack(fast, x, y, eps=eps, seed=0)
@@ -77,7 +78,7 @@ def test_compiled_channels_last_model_gives_the_exact_verdicts_from_two_graphs(d
     one = int(exact[EPS[0]][0].flags.nonzero()[0])  # an image that goes through all four attacks
     alone = run_autoattack(fast, x[one:one + 1], y[one:one + 1], eps=EPS[0], seed=0)
     assert torch.equal(alone.flags, run_autoattack(model, x[one:one + 1], y[one:one + 1], eps=EPS[0], seed=0).flags)
-    assert [s.attack for s in alone.stats] == list(STANDARD) and fast.graphs == 2
+    assert [s.attack for s in alone.stats] == list(STANDARD) and fast.graphs == built
 
 
 def test_pass_counts_add_up_and_robust_images_cost_the_upper_bound(digits_model, exact):
