@@ -79,8 +79,10 @@ def eval_(
     """AutoAttack (standard, L∞) per attack and ε: seconds, efficiency, forward / backward passes, images still
     robust; and the projected cost of a full evaluation of --model, with a 95% interval. Each phase is
     reported on stderr as it starts and ends."""
+    from gnr.cli.evaluate import AttackDisplay, starting
+
+    starting("bench eval")
     from gnr.bench.eval import bench_eval
-    from gnr.cli.evaluate import AttackDisplay
     from gnr.cli.render import ProgressReport
     from gnr.eval import parse_eps
 

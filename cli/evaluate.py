@@ -48,6 +48,9 @@ def evaluate(
     as_json: bool = JSON,
 ) -> None:
     """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
+    quiet = as_json or os.environ.get("RANK", "0") != "0"
+    if not (quiet or submit):
+        starting("eval")
     from gnr.errors import GnrError
     from gnr.eval import EvalSpec, model_source, parse_attacks, parse_eps
 
@@ -65,7 +68,6 @@ def evaluate(
     if submit:
         return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
-    quiet = as_json or os.environ.get("RANK", "0") != "0"
     on_batch, progress = _progress_bar(quiet)
     on_event = None if quiet else AttackDisplay(progress.bar)  # the live bar, or None: plain lines
     with progress:
@@ -93,6 +95,11 @@ def evaluate(
         console.print(eval_summary(result))
         if profile or result.rechecks:
             console.print(attack_profile(result))
+
+
+def starting(name: str) -> None:
+    """The first line, before torch and the model code load (seconds, more on a busy machine)."""
+    err_console.print(f"{name}: starting: loading torch and gnr", highlight=False, markup=False, soft_wrap=True)
 
 
 def _with_run_eps(spec, run_config):
