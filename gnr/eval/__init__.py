@@ -9,7 +9,8 @@ where the results live. The CLI, the analyses and the benchmarks use what this m
 - :mod:`~gnr.eval.speed`: how the attacked model runs (compiled, channels-last, batch size) and its pass times.
 - :mod:`~gnr.eval.engine`: the evaluation itself, sharded over ranks and resumable.
 - :mod:`~gnr.eval.results`: per-batch results on disk, the run's merged table, metrics and tags.
-- :mod:`~gnr.eval.progress` / :mod:`~gnr.eval.projection`: what it reports while it runs, what it will cost.
+- :mod:`~gnr.eval.phases` / :mod:`~gnr.eval.progress`: what it is doing (each phase, from the first second),
+  how far it is; :mod:`~gnr.eval.projection`: what it will cost, and what each attack's passes cost.
 """
 
 from gnr.eval.attacks import FGSM_STEP, fgsm, pgd, summed_ce
