@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from gnr.cli.common import JSON, parse_csv, show
+from gnr.cli.common import JSON, err_console, parse_csv, show
 from gnr.cli.render import bench_table, eval_bench_table, loader_table
 
 app = typer.Typer(help="Benchmarks: data loader throughput, seconds per optimizer step, AutoAttack cost.",
@@ -66,11 +66,13 @@ def eval_(
     run_id: str = typer.Option(..., "--run-id", help="Trained run whose model is attacked (its pass counts are measured)."),
     weights: str = typer.Option("ema", "--weights", help="ema | raw"),
     tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
-    n: int = typer.Option(16, "--n", help="Images attacked, in one batch."),
+    n: int = typer.Option(16, "--n", help="Images attacked, in one batch, sampled from --pool by clean margin."),
+    pool: Optional[int] = typer.Option(None, "--pool", help="Images the sample is drawn from. Default: 4 × --n."),
     eps: str = typer.Option("4", "--eps", help="L∞ budgets in 1/255."),
     model: str = typer.Option("swin_base_patch4_window7_224", "--model", help="Model whose full evaluation is projected."),
     img_size: int = typer.Option(224, "--img-size"),
-    batch_size: int = typer.Option(32, "--batch-size", help="Batch at which --model's passes are timed."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Largest batch at which --model's passes are timed "
+                                   "(and powers of two below it); the fastest is used."),
     images: int = typer.Option(5000, "--images", help="Images in the projected evaluation."),
     world: int = typer.Option(1, "--world", help="Processes (GPUs) sharing the projected evaluation."),
     device: str = typer.Option("auto", "--device"),
@@ -79,12 +81,19 @@ def eval_(
     project: bool = typer.Option(True, "--project/--no-project", help="Time --model and project its evaluation."),
     as_json: bool = JSON,
 ) -> None:
-    """AutoAttack (standard, L∞) per attack and ε: seconds, forward / backward passes, images still robust;
-    and the projected cost of a full evaluation of --model."""
-    from gnr.bench.eval import bench_eval
-    from gnr.evaluate import parse_eps
+    """AutoAttack (standard, L∞) per attack and ε: seconds, efficiency, forward / backward passes, images still
+    robust; and the projected cost of a full evaluation of --model, with a 95% interval. Each phase is
+    reported on stderr as it starts and ends."""
+    from gnr.cli.evaluate import AttackDisplay, starting
 
-    result = bench_eval(run_id, uri=tracking_uri, weights=weights, n=n, eps=parse_eps(parse_csv(eps)), model=model,
-                        img_size=img_size, batch_size=batch_size, images=images, world=world, device=device,
-                        compile=compile, precision=precision, project=project)
+    starting("bench eval")
+    from gnr.bench.eval import bench_eval
+    from gnr.cli.render import ProgressReport
+    from gnr.eval import parse_eps
+
+    with ProgressReport("bench eval", err_console, transient=True) as report:
+        result = bench_eval(run_id, uri=tracking_uri, weights=weights, n=n, pool=pool, eps=parse_eps(parse_csv(eps)),
+                            model=model, img_size=img_size, batch_size=batch_size, images=images, world=world,
+                            device=device, compile=compile, precision=precision, project=project,
+                            on_event=AttackDisplay(report.bar, "bench eval"))
     show(result, eval_bench_table, as_json)

@@ -30,7 +30,8 @@ def evaluate(
                                            help="torch.compile the model under attack. Default: on CUDA."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) | bf16: AutoAttack's iterations in bf16, "
                                   "every verdict re-checked in fp32, disagreements re-attacked in fp32."),
-    profile: bool = typer.Option(False, "--profile", help="Also print seconds and passes per attack and ε."),
+    profile: bool = typer.Option(False, "--profile", help="Also print seconds, passes and efficiency per attack and "
+                                 "ε (what its passes alone cost, timed after the run, over its wall time)."),
     seed: int = typer.Option(0, "--seed", help="PGD random starts and AutoAttack's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="An MLflow model to evaluate instead of --run-id "
                                         "(runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS; results go to "
@@ -47,8 +48,11 @@ def evaluate(
     as_json: bool = JSON,
 ) -> None:
     """Evaluate a run's weights and log [bold]eval/*[/] metrics, sanity checks and a per-image CSV into it."""
+    quiet = as_json or os.environ.get("RANK", "0") != "0"
+    if not (quiet or submit):
+        starting("eval")
     from gnr.errors import GnrError
-    from gnr.evaluate import EvalSpec, model_source, parse_attacks, parse_eps
+    from gnr.eval import EvalSpec, model_source, parse_attacks, parse_eps
 
     external = weights not in ("ema", "raw")
     if model and model.startswith(MODEL_URI_SCHEMES):
@@ -64,24 +68,23 @@ def evaluate(
     if submit:
         return _submit(run_id, spec, gpus=gpus, namespace=namespace, image=image, dry_run=dry_run)
 
-    quiet = as_json or os.environ.get("RANK", "0") != "0"
     on_batch, progress = _progress_bar(quiet)
     on_event = None if quiet else AttackDisplay(progress.bar)  # the live bar, or None: plain lines
     with progress:
         if external:
             from gnr.config import build_config
-            from gnr.evaluate import evaluate_external
+            from gnr.eval import evaluate_external
 
             cfg = build_config(preset=preset, overrides=overrides, fields={
                 "model.name": model, "tracking.uri": tracking_uri, "tracking.experiment": experiment})
             result = evaluate_external(Path(weights), cfg, _with_run_eps(spec, lambda: cfg), on_batch=on_batch,
-                                       on_event=on_event)
+                                       on_event=on_event, profile=profile)
         else:
-            from gnr.evaluate import evaluate as run_eval
+            from gnr.eval import evaluate as run_eval
             from gnr.tracking import load_run_config
 
             spec = _with_run_eps(spec, lambda: load_run_config(run_id, tracking_uri))
-            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch, on_event=on_event)
+            result = run_eval(run_id, spec, uri=tracking_uri, on_batch=on_batch, on_event=on_event, profile=profile)
     if not result.is_main:
         return
     if as_json:
@@ -92,6 +95,11 @@ def evaluate(
         console.print(eval_summary(result))
         if profile or result.rechecks:
             console.print(attack_profile(result))
+
+
+def starting(name: str) -> None:
+    """The first line, before torch and the model code load (seconds, more on a busy machine)."""
+    err_console.print(f"{name}: starting: loading torch and gnr", highlight=False, markup=False, soft_wrap=True)
 
 
 def _with_run_eps(spec, run_config):
@@ -126,51 +134,86 @@ def _duration(seconds: float | None) -> str:
 
 
 class AttackDisplay:
-    """Renders the core's plan and per-attack events: a line on the progress bar on a terminal, else
-    plain lines on stderr (one per attack and batch)."""
+    """Renders the core's events: each phase (start, still running, end with its wall time), the plan and
+    per-attack progress. On a terminal the current phase and attack are live lines on the progress bar
+    and each finished phase is printed above it; elsewhere each event is a plain line on stderr."""
 
-    def __init__(self, progress=None):
-        self.progress = progress
-        self.task = None
+    def __init__(self, progress=None, name: str = "eval"):
+        self.progress, self.name = progress, name
+        self.task = self.phase_task = None
 
     def __call__(self, event) -> None:
-        from gnr.evaluate import EvalPlan
+        from gnr.eval import EvalPlan, Phase
 
+        if isinstance(event, Phase):
+            return self._phase(event)
         if isinstance(event, EvalPlan):
             least, most = event.projected_s
             s = event.settings
-            err_console.print(
-                f"eval: {event.images} images on {event.device} (x{event.world}), batch {event.batch_size}, "
+            self._line(
+                f"{self.name}: {event.images} images on {event.device} (x{event.world}), batch {event.batch_size}, "
                 f"compile {'on' if s.get('compile') else 'off'}, channels-last {'on' if s.get('channels_last') else 'off'}, "
                 f"{s.get('precision', 'fp32')}; projected {_duration(least)} .. {_duration(most)} "
-                "(every image broken by APGD-CE .. every image robust)", highlight=False, soft_wrap=True)
+                "(every image broken by APGD-CE .. every image robust)")
             return
         robust = f"robust {event.robust}/{event.done} ({100 * event.robust / max(event.done, 1):.1f}%)"
         eta = f"ETA {_duration(event.eta_s)}"
         if self.progress is None:
-            err_console.print(f"{event.measure} {event.attack}: {event.done}/{event.total} images, {robust}, "
-                              f"{_duration(event.elapsed_s)} elapsed, {eta}", highlight=False, soft_wrap=True)
+            self._line(f"{event.measure} {event.attack}: {event.done}/{event.total} images, {robust}, "
+                       f"{_duration(event.elapsed_s)} elapsed, {eta}")
             return
         if self.task is None:
             self.task = self.progress.add_task("attack", total=event.total, speed="", info="")
         self.progress.update(self.task, description=f"{event.measure} {event.attack}", completed=event.done,
                              total=event.total, speed=eta, info=robust)
 
+    def _phase(self, event) -> None:
+        detail = f" ({event.detail})" if event.detail else ""
+        if event.state == "end":
+            self._line(f"{self.name}: {event.name}: done in {event.elapsed_s:.1f} s")
+        elif self.progress is None:
+            self._line(f"{self.name}: {event.name}: " + ("started" if event.state == "start" else
+                                                          f"running for {_duration(event.elapsed_s)}{detail}"))
+        if self.progress is not None and event.state != "end":
+            if self.phase_task is None:
+                self.phase_task = self.progress.add_task(event.name, total=None, speed="", info="")
+            info = "" if event.state == "start" else f"{_duration(event.elapsed_s)}{detail}"
+            self.progress.update(self.phase_task, description=event.name, info=info)
+
+    def _line(self, text: str) -> None:
+        console = self.progress.console if self.progress is not None else err_console
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def efficiency_cells(row: dict) -> tuple[str, str]:
+    """A profiled attack's passes-alone seconds and efficiency, or dashes where not measured."""
+    if row.get("efficiency") is None:
+        return "-", "-"
+    return f"{row['model_s']:.1f}", f"{row['efficiency']:.2f}"
+
 
 def attack_profile(result):
-    """Seconds, passes per attacked image and images still robust, per measure and attack; bf16 re-checks."""
+    """Per measure: each attack's images, still robust, seconds, passes per attacked image and, with --profile,
+    its passes-alone seconds and efficiency; bf16 re-checks."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="per attack", title_justify="left")
-    for col in ("measure", "attack", "precision", "images", "robust", "seconds", "fwd/img", "bwd/img"):
-        table.add_column(col, justify="left" if col in ("measure", "attack", "precision") else "right")
-    for r in result.attacks:
-        n = max(r["images"], 1)
-        table.add_row(r["measure"], r["attack"], r["precision"], str(r["images"]), str(r["robust"]),
-                      f"{r['seconds']:.1f}", f"{r['forward'] / n:.0f}", f"{r['backward'] / n:.0f}")
-    lines = [table]
+    lines = []
+    for measure in dict.fromkeys(r["measure"] for r in result.attacks):
+        table = Table(title=f"{measure} ({result.settings.get('precision', 'fp32')})", title_justify="left")
+        for col in ("attack", "img", "robust", "s", "fwd/img", "bwd/img", "passes s", "eff."):
+            table.add_column(col, justify="left" if col == "attack" else "right")
+        for r in (r for r in result.attacks if r["measure"] == measure):
+            n = max(r["images"], 1)
+            name = r["attack"] + ("" if r["precision"] == result.settings.get("precision", "fp32") else
+                                  f" ({r['precision']})")
+            table.add_row(name, str(r["images"]), str(r["robust"]), f"{r['seconds']:.1f}", f"{r['forward'] / n:.0f}",
+                          f"{r['backward'] / n:.0f}", *efficiency_cells(r))
+        lines.append(table)
+    if any(r.get("efficiency") is not None for r in result.attacks):
+        lines.append(Text("eff.: the attack's passes alone (each call × the model's time at that batch size, "
+                          "passes s) over its wall time (s)"))
     for measure, c in result.rechecks.items():
         lines.append(Text(f"{measure}: fp32 re-check of {c['checked']} bf16 verdicts: {c['agreed']} agreed, "
                           f"{c['disagreed']} re-attacked in fp32, {c['flipped']} changed"))

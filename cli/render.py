@@ -105,46 +105,65 @@ def loader_table(result: dict) -> Table:
 
 
 def eval_bench_table(result: dict):
-    """`gnr bench eval`: one row per ε and attack, then the projection of the full evaluation."""
+    """`gnr bench eval`: one row per ε and attack (seconds, efficiency, passes), the sample's strata, then the
+    projection of the full evaluation with its 95% interval."""
     from rich.console import Group
     from rich.text import Text
 
     proj = result["projected_model"]
-    table = Table(title=f"AutoAttack on {result['n']} images of run {result['run_id']} ({result['run_model']['name']}, "
-                        f"{result['clean']} clean-correct) on {result['device']}, {result['precision']}, "
-                        f"compile {'on' if result['compile'] else 'off'}", title_justify="left")
-    for col in ("ε/255", "attack", "images", "robust after", "seconds", "fwd", "bwd", "fwd/img", "bwd/img",
-                *(["projected s"] if proj else [])):
-        table.add_column(col, justify="left" if col == "attack" else "right")
+    n = result["n"]
+    lines = [Text(f"AutoAttack on {n} images of run {result['run_id']} ({result['run_model']['name']}, "
+                  f"{result['clean']} clean-correct; sampled from {result['pool']} by clean margin) on "
+                  f"{result['device']}, {result['precision']}, compile {'on' if result['compile'] else 'off'}",
+                  style="bold")]
     for e in result["eps"]:
+        table = Table(title=f"ε = {e['eps_255']:g}/255: {e['robust']}/{n} robust", title_justify="left")
+        for col in ("attack", "img", "robust", "s", "eff.", "fwd/img", "bwd/img", *(["proj. s"] if proj else [])):
+            table.add_column(col, justify="left" if col == "attack" else "right")
         for a in e["attacks"]:
-            table.add_row(f"{e['eps_255']:g}", a["attack"] + ("" if a["precision"] == result["precision"] else
-                                                             f" ({a['precision']})"),
-                          str(a["images"]), str(a["robust_after"]), f"{a['seconds']:.1f}", str(a["forward"]),
-                          str(a["backward"]), f"{a['forward_per_image']:.0f}", f"{a['backward_per_image']:.0f}",
+            table.add_row(a["attack"] + ("" if a["precision"] == result["precision"] else f" ({a['precision']})"),
+                          str(a["images"]), str(a["robust_after"]), f"{a['seconds']:.1f}", _eff(a["efficiency"]),
+                          f"{a['forward_per_image']:.0f}", f"{a['backward_per_image']:.0f}",
                           *([f"{e['projection']['per_attack_s'].get(a['attack'], 0):.0f}"] if proj else []))
-        table.add_row(f"{e['eps_255']:g}", "total", str(result["n"]), str(e["robust"]), f"{e['seconds']:.1f}",
-                      str(e["forward"]), str(e["backward"]), f"{e['forward'] / result['n']:.0f}",
-                      f"{e['backward'] / result['n']:.0f}",
+        table.add_row("total", str(n), str(e["robust"]), f"{e['seconds']:.1f}", _eff(e["efficiency"]),
+                      f"{e['forward'] / n:.0f}", f"{e['backward'] / n:.0f}",
                       *([f"{e['projection']['total_s']:.0f}"] if proj else []), style="bold")
-    lines = [table]
-    own = result["run_model"]
+        lines.append(table)
+    lines.append(Text("eff.: the attack's passes alone (each call × the model's time at that batch size) over its "
+                      "wall time s; fwd/bwd per sampled image"))
     for e in result["eps"]:
-        lines.append(Text(f"ε={e['eps_255']:g}: measured {e['seconds']:.1f} s; its passes × the run model's pass times "
-                          f"({1e3 * own['forward_s']:.2f} / {1e3 * own['backward_s']:.2f} ms per image) give "
-                          f"{e['own_model_projected_s']:.1f} s (the rest is the attacks' own work)"))
+        strata = "; ".join(f"{s['name']} {s['robust']}/{s['sample']} robust, {s['forward_per_image']:.0f} / "
+                           f"{s['backward_per_image']:.0f}" for s in e.get("strata", []))
+        lines.append(Text(f"ε={e['eps_255']:g} per stratum (robust of sampled, fwd / bwd passes per image): {strata}"))
         if "recheck" in e:
             r = e["recheck"]
             lines.append(Text(f"ε={e['eps_255']:g}: fp32 re-check of {r['checked']}: {r['agreed']} agreed, "
                               f"{r['disagreed']} re-attacked in fp32, {r['flipped']} changed"))
-        if proj:
+    if proj:
+        lines.append(Text(f"projected: {proj['images']} images of {proj['name']} at {proj['img_size']} px on "
+                          f"{proj['world']} x {result['device']}, batch {proj['batch_size']} "
+                          f"({1e3 * proj['forward_s']:.2f} / {1e3 * proj['backward_s']:.2f} ms per image forward / "
+                          "backward), the passes alone, 95% interval from the stratified sample:", style="bold"))
+        for e in result["eps"]:
             p = e["projection"]
-            lines.append(Text(f"ε={e['eps_255']:g}: projected {proj['images']} images of {proj['name']} at "
-                              f"{proj['img_size']} px on {proj['world']} x {result['device']} (batch "
-                              f"{proj['batch_size']}: {1e3 * proj['forward_s']:.1f} / {1e3 * proj['backward_s']:.1f} "
-                              f"ms per image forward / backward): {p['total_s'] / 60:.1f} min, "
+            lines.append(Text(f"  ε={e['eps_255']:g}/255: {p['total_s'] / 60:.1f} min ({_interval(p['ci95_s'])}), "
                               f"{p['s_per_image_one_process']:.3f} s per image per process", style="bold"))
+        if len(result["eps"]) > 1:
+            cis = [e["projection"]["ci95_s"] for e in result["eps"]]
+            summed = None if None in cis else [sum(c[0] for c in cis), sum(c[1] for c in cis)]
+            lines.append(Text(f"  all {len(cis)} budgets: {sum(e['projection']['total_s'] for e in result['eps']) / 60:.1f}"
+                              f" min ({_interval(summed)}{', the ends summed' if summed else ''})", style="bold"))
     return Group(*lines)
+
+
+def _eff(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _interval(seconds: list[float] | None) -> str:
+    if seconds is None:
+        return "no interval: sample at least two images per stratum (--n ≥ 8)"
+    return f"95% interval {seconds[0] / 60:.1f} .. {seconds[1] / 60:.1f} min"
 
 
 def eval_summary(result):
@@ -158,8 +177,12 @@ def eval_summary(result):
     for name, acc in result.accuracy.items():
         table.add_row(name, percent(acc))
     head = Text(f"gnr eval of run {result.run_id}: {result.n} images, {result.weights} weights", style="bold")
+    logged = result.logged
     lines = [head, table, Text(f"resumed {result.resumed_batches} of {result.batches} batches; "
-                         f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with {result.metric_prefix}/per_image.csv")]
+                               f"{result.elapsed_s:.1f} s; logged as {result.metric_prefix}/* with "
+                               f"{result.metric_prefix}/per_image.csv, which now holds {logged.get('n', result.n)} "
+                               f"images × {len(logged.get('accuracy', result.accuracy))} measures "
+                               "(every evaluation of this run under that name)")]
     if result.warnings:
         lines += [Text(f"warning: {w}", style="bold red") for w in result.warnings]
     else:

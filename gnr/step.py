@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gnr.config import RunConfig
 from gnr.errors import GnrError
 from gnr.objectives import Objective, build_objective
-from gnr.scoring import autocast
+from gnr.eval.scoring import autocast
 
 # timm names whose optimizer is torch's own, which has a fused (one kernel per step) CUDA path.
 FUSED_ON_CUDA = ("adam", "adamw")

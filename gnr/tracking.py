@@ -239,6 +239,16 @@ def download(run_id: str, artifact_path: str, dst: str | Path, uri: str | None =
                      f"cannot download '{artifact_path}' of run {run_id}") from None
 
 
+def download_if_logged(run_id: str, artifact_path: str, dst: str | Path, uri: str | None = None) -> Path | None:
+    """One artifact of a run, or None when the run has none by that name (any other failure is an error)."""
+    folder = artifact_path.rpartition("/")[0] or None
+    try:
+        listed = {f.path for f in client(uri).list_artifacts(run_id, folder)}
+    except Exception as e:
+        raise _error(e, f"no MLflow run '{run_id}'", f"cannot list the artifacts of run {run_id}") from None
+    return download(run_id, artifact_path, dst, uri) if artifact_path in listed else None
+
+
 def get_run(run_id: str, uri: str | None = None):
     resolved = resolve_uri(uri)
     check_reachable(resolved)

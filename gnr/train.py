@@ -23,7 +23,7 @@ from gnr.data.loader import eval_loader, steps_per_epoch, train_loader, with_res
 from gnr.doublegrad import fast_layer_counts
 from gnr.errors import GnrError
 from gnr.models import build_model
-from gnr.scoring import clean_and_pgd_accuracy
+from gnr.eval.scoring import clean_and_pgd_accuracy
 from gnr.step import build_train_step
 from gnr.tracking import FAILURE_TAG, Tracker, check_reachable, public_config, redact, resolve_uri, system_metrics
 

@@ -1,5 +1,5 @@
-"""Markdown tables from the JSON files scripts/gpu-cost.sh writes, with the cost targets; last, each
-model's top kernels of one gradnorm step.
+"""Markdown tables from the JSON files scripts/gpu-cost.sh writes, with the cost targets (training
+steps, AutoAttack); last, each model's top kernels of one gradnorm step.
 
 Usage: python3 scripts/gpu_cost_summary.py OUT_DIR
 """
@@ -36,19 +36,27 @@ def step_rows(out: Path) -> list[str]:
 
 
 def eval_rows(out: Path) -> list[str]:
-    lines = ["| precision | ε | robust | attack: seconds, fwd/bwd per image, robust after | projected 5000 s "
-             "(s/image, ≤0.7) |", "|---|---|---|---|---|"]
+    lines = ["| precision | ε | robust | attack: seconds, efficiency (≥0.7), fwd/bwd per image, robust after "
+             "| wall s | projected 5000 on 1 GPU, min (95% interval; ≤120) | on 8 (≤15) |", "|---|---|---|---|---|---|---|"]
     for path in sorted(out.glob("eval-*.json")):
         r = load(path)
         for e in r["eps"]:
-            attacks = "; ".join(f"{a['attack']} {a['seconds']:.1f}s {a['forward_per_image']:.0f}/"
+            attacks = "; ".join(f"{a['attack']} {a['seconds']:.1f}s {_efficiency(a)} {a['forward_per_image']:.0f}/"
                                 f"{a['backward_per_image']:.0f} →{a['robust_after']}" for a in e["attacks"])
             proj = e.get("projection")
-            projected = f"{proj['total_s']:.0f} ({proj['s_per_image_one_process']:.3f})" if proj else "-"
+            projected, eight = "-", "-"
+            if proj:
+                ci = proj["ci95_s"]
+                projected = f"{proj['total_s'] / 60:.0f}" + (f" ({ci[0] / 60:.0f}..{ci[1] / 60:.0f})" if ci else "")
+                eight = f"{proj['total_s'] / 60 / 8:.1f}"
             recheck = f" (re-check: {e['recheck']})" if e.get("recheck") else ""
             lines.append(f"| {r['precision']}{recheck} | {e['eps_255']}/255 | {e['robust']}/{r['n']} "
-                         f"| {attacks} | {projected} |")
+                         f"| {attacks} | {e['seconds']:.1f} | {projected} | {eight} |")
     return lines
+
+
+def _efficiency(attack: dict) -> str:
+    return "-" if attack.get("efficiency") is None else f"{attack['efficiency']:.2f}"
 
 
 # Log lines that mean a fused level 2 ran unfused for some shapes: the "after" timing is then not

@@ -15,8 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from gnr.attacks import pgd
-from gnr.evaluate import predicts
+from gnr.eval import pgd, predicts, write_rows
 
 START = 2 / 255
 BISECTIONS = 10
@@ -92,7 +91,6 @@ def analyze_curve(run_ids: list[str], *, n: int = 1000, data: str | None = None,
 
     from gnr.analysis.runs import load_runs, log_outputs, output_dir
     from gnr.distributed import pick_device
-    from gnr.evaluate import write_rows
 
     dev = pick_device(device, 0)
     folder = output_dir("curve", run_ids, out)

@@ -21,10 +21,9 @@ from PIL import Image
 
 from gnr.analysis.gradients import input_gradients
 from gnr.analysis.runs import AnalysedRun
-from gnr.attacks import pgd
 from gnr.data.shards import asset
 from gnr.errors import GnrError
-from gnr.evaluate import pgd_step, predicts
+from gnr.eval import pgd, pgd_step, predicts, seeded
 
 CELL_IN = 1.6  # inches per image cell
 HEADER_IN = 0.8  # suptitle and column headers
@@ -151,7 +150,6 @@ def analyze_figures(run_ids: list[str], *, images: str | None = None, k: int = 6
 
     from gnr.analysis.runs import load_runs, log_outputs, output_dir
     from gnr.distributed import pick_device
-    from gnr.evaluate import seeded
 
     dev = pick_device(device, 0)
     runs = load_runs(run_ids, weights=weights, uri=uri, device=dev)

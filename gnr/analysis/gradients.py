@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnr.attacks import pgd
-from gnr.evaluate import pgd_step, predicts
+from gnr.eval import pgd, pgd_step, predicts, write_rows
 from gnr.objectives.edge import edge_map
 
 CHANNELS = ("R", "G", "B")
@@ -151,7 +150,6 @@ def analyze_gradients(run_ids: list[str], *, n: int = 10000, eps: float = 4.0, d
 
     from gnr.analysis.runs import load_runs, log_outputs, output_dir
     from gnr.distributed import pick_device
-    from gnr.evaluate import write_rows
 
     dev = pick_device(device, 0)
     folder = output_dir("gradients", run_ids, out)

@@ -13,7 +13,7 @@ from gnr import paths
 from gnr.config import RunConfig
 from gnr.data.loader import with_resolved_source
 from gnr.errors import GnrError
-from gnr.evaluate import Batch, image_batches, load_run_model
+from gnr.eval import Batch, image_batches, load_run_model
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AnalysedRun:
 
 def source_runs(models: list[str], uri: str | None = None) -> list[str]:
     """The run each MLflow model URI came from; the model holds that run's EMA (else raw) weights,
-    which the analysis loads from the run (see :func:`gnr.evaluate.model_source`)."""
+    which the analysis loads from the run (see :func:`gnr.eval.model_source`)."""
     from gnr.tracking import model_source_run
 
     return [model_source_run(m, uri) for m in models]

@@ -30,7 +30,7 @@ from gnr.errors import GnrError
 from gnr.models import build_model
 from gnr.objectives import OBJECTIVES
 from gnr.objectives.gradnorm import GradNorm
-from gnr.scoring import autocast
+from gnr.eval.scoring import autocast
 from gnr.step import TrainStep, build_train_step
 
 AMPS = ("auto", "bf16", "fp16", "none")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from gnr.attacks import FGSM_STEP, pgd
+from gnr.eval.attacks import FGSM_STEP, pgd
 from gnr.models import unwrap
 from gnr.objectives.base import Objective, detached_parts, linear_ramp, soft_ce
 

@@ -23,7 +23,7 @@ def _artifacts(uri: str, run_id: str, folder: str) -> set[str]:
 
 def _first_images(run_id: str, uri: str, n: int):
     from gnr.data.loader import with_resolved_source
-    from gnr.evaluate import image_batches, load_run_model
+    from gnr.eval import image_batches, load_run_model
 
     loaded = load_run_model(run_id, "raw", uri)
     x, y, keys = next(iter(image_batches(with_resolved_source(loaded.cfg), n=n, batch_size=n)))

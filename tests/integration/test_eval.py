@@ -2,8 +2,10 @@
 run, AutoAttack against a direct pyautoattack call, 2-process torchrun, resume, bad input."""
 
 import csv
+import io
 import json
 import os
+import re
 import subprocess
 import pytest
 import torch
@@ -57,14 +59,15 @@ def test_eval_logs_into_the_same_run(evaluated):
 
 
 def test_summary_profiles_each_autoattack_attack(evaluated):
-    """Per attack: the images it attacked are those the previous one left robust, and the last robust count
-    is AutoAttack's accuracy."""
+    """Per attack: the images it attacked are those the previous one left robust (APGD-CE: the correctly
+    classified ones), and the last robust count is AutoAttack's accuracy."""
     rows = [r for r in evaluated["eval"]["attacks"] if r["measure"] == "autoattack/eps4"]
     assert [r["attack"] for r in rows] == ["apgd-ce", "apgd-t", "fab-t", "square"][:len(rows)]
-    assert rows[0]["images"] == N and all(r["precision"] == "fp32" for r in rows)
+    assert rows[0]["images"] == round(evaluated["eval"]["accuracy"]["clean"] * N)
+    assert all(r["precision"] == "fp32" for r in rows)
     assert [r["images"] for r in rows[1:]] == [r["robust"] for r in rows[:-1]]
     assert rows[-1]["robust"] / N == pytest.approx(evaluated["eval"]["accuracy"]["autoattack/eps4"])
-    from gnr.autoattack import upper_bound_passes
+    from gnr.eval import upper_bound_passes
 
     bound = upper_bound_passes(10)
     for r in rows[1:]:  # every image these attacked was correct; one that no attack breaks costs the bound
@@ -135,7 +138,7 @@ def _first_val_keys(demo_run: dict, tmp_path, n: int) -> list[str]:
 
 
 def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run, gnr_home, tmp_path, monkeypatch):
-    from gnr.evaluate import EvalSpec, evaluate
+    from gnr.eval import EvalSpec, evaluate
 
     cache = tmp_path / "volume" / "eval-cache"  # where the chart's eval pods keep finished batches
     monkeypatch.setenv("GNR_EVAL_CACHE", str(cache))
@@ -165,21 +168,70 @@ def test_interrupted_eval_resumes_without_recomputing_finished_batches(demo_run,
 
 
 def test_ids_file_selects_the_first_n_listed_images(demo_run, gnr_home, tmp_path):
-    from gnr.evaluate import EvalSpec, evaluate
+    from gnr.eval import EvalSpec, evaluate
 
     keys = _first_val_keys(demo_run, tmp_path, 40)
     listed = [keys[5], "digit-9999", keys[2], keys[39], keys[7]]  # one id that is not in the split
     ids = tmp_path / "ids.txt"
     ids.write_text("".join(f"{k}.png\n" for k in listed))
-    result = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), ids=str(ids), n=4, batch_size=2),
-                      uri=demo_run["uri"])
+    result = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), ids=str(ids), n=4, batch_size=2, seed=5),
+                      uri=demo_run["uri"])  # seed 5: a table of its own, which other tests' images do not join
     rows = list(csv.DictReader(open(result.csv_path)))
     assert sorted(r["id"] for r in rows) == sorted([keys[5], keys[2], keys[39]])
 
 
+def _columns(text: str, ids: list[str], columns: list[str]) -> str:
+    """``text`` (a per-image CSV) cut down to rows ``ids`` and ``columns``, written as gnr writes it."""
+    import io
+
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(text, newline=""))}
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows[i] for i in ids)
+    return out.getvalue()
+
+
+def test_a_later_evaluation_adds_to_what_the_run_holds(demo_run, gnr_home, tmp_path):
+    """Issue 19: AutoAttack, then clean on more images, on one run (seed 7: a table of its own). Both sets of
+    flags are in the table locally and in MLflow, the first byte for byte; metrics are added, none reset."""
+    from gnr.eval import EvalSpec, evaluate
+
+    client = MlflowClient(tracking_uri=demo_run["uri"])
+    first = evaluate(demo_run["run_id"], EvalSpec(attacks=("autoattack",), eps=(64.0,), n=4, batch_size=4, seed=7),
+                     uri=demo_run["uri"])
+    assert first.metric_prefix == "eval-seed7"
+    first_text = open(first.csv_path, newline="").read()
+    first_ids = [r["id"] for r in csv.DictReader(open(first.csv_path, newline=""))]
+    first_columns = ["id", "label", "autoattack/eps64", "pgd10/eps64"]
+    assert first_text.splitlines()[0] == ",".join(first_columns) and len(first_ids) == 4
+    assert open(client.download_artifacts(demo_run["run_id"], "eval-seed7/per_image.csv", str(tmp_path / "first")),
+                newline="").read() == first_text
+    first_metrics = client.get_run(demo_run["run_id"]).data.metrics
+
+    second = evaluate(demo_run["run_id"], EvalSpec(attacks=("clean",), n=6, batch_size=6, seed=7), uri=demo_run["uri"])
+    assert second.csv_path == first.csv_path and second.accuracy.keys() == {"clean"}
+    local = open(second.csv_path, newline="").read()
+    logged = open(client.download_artifacts(demo_run["run_id"], "eval-seed7/per_image.csv", str(tmp_path)),
+                  newline="").read()
+    assert logged == local
+    rows = list(csv.DictReader(io.StringIO(local, newline="")))
+    assert local.splitlines()[0] == ",".join(first_columns + ["clean"])
+    assert len(rows) == 6 and all(r["clean"] in ("0", "1") for r in rows)
+    assert _columns(local, first_ids, first_columns) == first_text  # the first set, byte for byte
+
+    metrics = client.get_run(demo_run["run_id"]).data.metrics
+    for name in ("autoattack/eps64", "pgd10/eps64"):
+        assert metrics[f"eval-seed7/{name}"] == first_metrics[f"eval-seed7/{name}"] == first.accuracy[name]
+    assert metrics["eval-seed7/clean"] == second.accuracy["clean"] and metrics["eval-seed7/n"] == 6
+    summary = json.load(open(client.download_artifacts(demo_run["run_id"], "eval-seed7/summary.json", str(tmp_path))))
+    assert [e["settings"]["attacks"] for e in summary["evaluations"]] == [["autoattack"], ["clean"]]
+    assert summary["images"] == {"autoattack/eps64": 4, "pgd10/eps64": 4, "clean": 6}
+
+
 def test_external_weights_are_evaluated_as_a_new_run(evaluated, gnr_home, tmp_path):
     from gnr.config import build_config
-    from gnr.evaluate import EvalSpec, evaluate_external
+    from gnr.eval import EvalSpec, evaluate_external
 
     client = MlflowClient(tracking_uri=evaluated["uri"])
     weights = client.download_artifacts(evaluated["run_id"], "weights/ema.safetensors", str(tmp_path))
@@ -231,34 +283,54 @@ def test_submit_dry_run_hands_the_same_evaluation_to_the_pod(helm):  # noqa: F81
     assert options["--ids"] == "robustbench" and options["--limit"] == "50"  # torchrun would claim --n
 
 
-def test_plain_progress_projects_the_cost_then_reports_each_attack(demo_run, gnr_home):
-    """Not on a terminal: plain lines on stderr, the projection first. At 64/255 APGD-CE breaks every image.
-    Last in this file: it logs eval-raw/* into the shared run, replacing what earlier tests read."""
+def test_plain_progress_says_what_it_does_from_the_start(demo_run, gnr_home):
+    """Not on a terminal: plain lines on stderr, each phase as it starts and ends with its wall time (loading,
+    the model-pass probe, each attack at each ε, logging), the projection before the first attack.
+    At 64/255 APGD-CE breaks every image. It adds its measures to the shared run's eval-raw table."""
     proc = run_gnr("eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--n", 3,
                    "--attacks", "clean,autoattack", "--eps", "64", "--weights", "raw", "--profile", check=True)
     lines = proc.stderr.splitlines()
-    plan = next(i for i, line in enumerate(lines) if "projected" in line)
-    assert "3 images on cpu" in lines[plan]
-    attack = next(i for i, line in enumerate(lines) if line.startswith("autoattack/eps64 apgd-ce: 3/3 images, robust 0/3"))
-    assert plan < attack and "ETA" in lines[attack]
-    assert "apgd-ce" in proc.stdout and "fwd/img" in proc.stdout  # --profile's table
+
+    def at(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.match(pattern, line))
+
+    load = at(rf"eval: load run {demo_run['run_id']} \(raw weights\): started$")
+    assert re.match(r"eval: load run \w+ \(raw weights\): done in \d+\.\d s$", lines[load + 1]), lines[load + 1]
+    probe, plan = at(r"eval: model-pass probe: done in"), at(r"eval: 3 images on cpu .*projected")
+    attack = at(r"eval: apgd-ce at 64/255 on [1-3] images: started$")  # the correctly classified ones
+    done = at(r"eval: apgd-ce at 64/255 on [1-3] images: done in \d+\.\d s$")
+    progress = at(r"autoattack/eps64 apgd-ce: 3/3 images, robust 0/3 .*ETA")
+    assert load < probe < plan < attack < done < progress
+    assert at(r"eval: pgd10/eps64 on 3 images: done in") > progress
+    assert at(r"eval: model-pass probe \(fp32\) at") < at(rf"eval: log results into run {demo_run['run_id']}: done in")
+    assert "autoattack/eps64 (fp32)" in proc.stdout and "apgd-ce" in proc.stdout and "eff." in proc.stdout  # --profile
 
 
-def test_bench_eval_pass_counts_add_up(demo_run, gnr_home):
+def test_bench_eval_samples_by_margin_counts_passes_and_projects(demo_run, gnr_home):
     proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
-                   "--n", 3, "--eps", "64", "--model", "test_convnext", "--img-size", 32, "--batch-size", 3, "--json",
-                   check=True)
+                   "--n", 8, "--pool", 24, "--eps", "64", "--model", "test_convnext", "--img-size", 32, "--batch-size", 4,
+                   "--json", check=True)
     result = json.loads(proc.stdout)
+    assert (result["n"], result["pool"]) == (8, 24)
+    assert sum(s["population"] for s in result["strata"]) == 24 and sum(s["sample"] for s in result["strata"]) == 8
     (entry,) = result["eps"]
     attacks = entry["attacks"]
-    assert attacks[0]["attack"] == "apgd-ce" and attacks[0]["images"] == 3
+    assert attacks[0]["attack"] == "apgd-ce" and attacks[0]["images"] == result["clean"]
     assert entry["forward"] == sum(a["forward"] for a in attacks) > 0
     assert entry["backward"] == sum(a["backward"] for a in attacks) > 0
     assert entry["robust"] == attacks[-1]["robust_after"]
     for a in attacks:
-        assert a["forward_per_image"] == pytest.approx(a["forward"] / 3)
+        assert a["forward_per_image"] == pytest.approx(a["forward"] / 8)
+        assert a["model_s"] > 0 and a["efficiency"] == pytest.approx(a["model_s"] / a["seconds"])
+    assert sum(s["sample"] * s["forward_per_image"] for s in entry["strata"]) == pytest.approx(entry["forward"])
     projection = entry["projection"]
     assert projection["total_s"] == pytest.approx(sum(projection["per_attack_s"].values()), abs=0.5)
+    low, high = projection["ci95_s"]
+    assert low <= projection["total_s"] <= high
+    assert result["projected_model"]["batch_size"] == 4  # the only size tried
+    for phase in ("load run", "read a pool of up to 24 images", "clean margins of 24 images", "apgd-ce at 64/255",
+                  "model-pass probe (fp32)", "build test_convnext at 32 px", "time test_convnext passes (fp32)"):
+        assert re.search(rf"^bench eval: {re.escape(phase)}.*: done in \d+\.\d s$", proc.stderr, re.M), phase
     proc = run_gnr("bench", "eval", "--run-id", demo_run["run_id"], "--tracking-uri", demo_run["uri"], "--weights", "raw",
                    "--n", 3, "--eps", "64", "--no-project", check=True)
     assert "apgd-ce" in proc.stdout and "total" in proc.stdout  # the table, by default

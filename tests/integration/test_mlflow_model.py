@@ -24,7 +24,7 @@ def test_logged_model_loads_with_mlflow_and_gives_gnr_logits(demo_run, client, t
     import mlflow
     import yaml
 
-    from gnr.evaluate import load_run_model
+    from gnr.eval import load_run_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", demo_run["uri"])
     run_id = demo_run["run_id"]
@@ -70,7 +70,8 @@ def test_eval_by_model_uri_logs_into_the_source_run(demo_run, client, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["run_id"] == demo_run["run_id"] and summary["weights"] == "ema"
     metrics = client.get_run(demo_run["run_id"]).data.metrics
-    assert metrics["eval/n"] == 5 and metrics["eval/clean"] == pytest.approx(summary["accuracy"]["clean"])
+    assert summary["n"] == 5 and metrics["eval/n"] == summary["logged"]["n"] >= 5  # with other tests' images
+    assert metrics["eval/clean"] == pytest.approx(summary["logged"]["accuracy"]["clean"])
     after = client.get_metric_history(demo_run["run_id"], "system/cpu_utilization_percentage")
     assert len(after) > before  # at least the evaluation's last sample
     assert sorted(m.step for m in after) == list(range(len(after)))  # evaluation continues training's steps

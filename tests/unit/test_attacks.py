@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gnr.attacks import fgsm, pgd
+from gnr.eval import fgsm, pgd
 from gnr.config import ModelConfig
 from gnr.models import build_model
 

@@ -14,7 +14,7 @@ from gnr.cli.app import app
 from gnr.cli.evaluate import pod_args
 from gnr.cli.render import ProgressReport, percent
 from gnr.errors import GnrError
-from gnr.evaluate import EvalSpec
+from gnr.eval import EvalSpec
 from tests.conftest import BIN
 
 

@@ -1,4 +1,4 @@
-"""gnr.evaluate's pure parts: option parsing, measures, sanity checks, the per-batch cache."""
+"""gnr.eval's pure parts: option parsing, measures, sanity checks, the per-batch cache."""
 
 import json
 
@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from gnr.errors import GnrError
-from gnr.evaluate import (BatchCache, EvalSpec, Measure, autoattack_correct, normalise_id, parse_attacks, parse_eps,
-                          pgd_step, robust_correct, sanity_warnings, write_rows)
+from gnr.eval import (EvalSpec, Measure, normalise_id, parse_attacks, parse_eps, pgd_step, robust_correct, run_autoattack,
+                      sanity_warnings, write_rows)
+from gnr.eval.results import BatchCache
 
 
 def test_parse_attacks_and_eps():
@@ -83,14 +84,14 @@ def test_robust_correct_is_never_above_clean_and_autoattack_matches_pyautoattack
     assert clean.sum() == 13
     for m in (Measure("pgd10", 4.0), Measure("autoattack", 4.0)):
         assert not (robust_correct(model, x, y, m, 0, []) & ~clean).any()
-    ours = autoattack_correct(model, x, y, eps=8 / 255, seed=0)
+    ours = run_autoattack(model, x, y, eps=8 / 255, seed=0).flags
     _, y_adv = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=0, device="cpu") \
         .run_standard_evaluation(x, y, batch_size=16)
     assert torch.equal(ours, y_adv == y)
 
 
 def test_robustbench_ids_are_shipped():
-    from gnr.evaluate import load_ids
+    from gnr.eval import load_ids
 
     ids = load_ids("robustbench")
     assert len(ids) == len(set(ids)) == 5000

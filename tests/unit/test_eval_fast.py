@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gnr.autoattack import STANDARD, PassCounter, run_autoattack, upper_bound_passes
-from gnr.eval_speed import prepare_model
+from gnr.eval import STANDARD, PassCounter, Phases, compile_graphs, prepare_model, run_autoattack, upper_bound_passes
 
 EPS = (2 / 255, 16 / 255)
 
@@ -52,16 +51,34 @@ def exact(digits_model):
     return out
 
 
-def test_compiled_channels_last_model_gives_the_exact_verdicts(digits_model, exact):
+def test_compiled_model_gives_the_exact_verdicts_from_graphs_built_before_the_attacks(digits_model, exact):
+    """Whole AutoAttack runs at two ε, then one of a single image, through the compiled channels-last model:
+    the eager verdicts, and no graph beyond those built before the attacks. They are built from 32 images
+    down, so both sides of oneDNN's 16-image threshold (a guard on the dynamic batch) are among them; the
+    attacks' shrinking batches, and a batch of one, then find a graph for every size."""
     model, x, y = digits_model
-    fast, settings = prepare_model(copy.deepcopy(model), torch.device("cpu"), compile=True, channels_last=True)
+    events = []
+    phases = Phases(events.append)
+    fast, settings = prepare_model(copy.deepcopy(model), torch.device("cpu"), compile=True, channels_last=True,
+                                   phases=phases)
     assert settings == {"compile": True, "channels_last": True}
-    robust = []
+    compile_graphs(fast, 8, 32, torch.device("cpu"), phases)
+    phases.close()
+    built = fast.graphs
+    assert 2 <= built <= 4  # forward, forward and backward; on each side of a size-dependent kernel choice
+    assert [e.state for e in events if e.name.startswith("compile graph")] == ["start", "end"] * built
+    robust, batches = [], set()
     for eps in EPS:
         result = run_autoattack(fast, x, y, eps=eps, seed=0)
         assert torch.equal(result.flags, exact[eps][0].flags), eps
         robust.append(int(result.flags.sum()))
+        batches |= {b for s in result.stats for b in s.forward_calls}
     assert robust[0] > robust[1]  # the two budgets make different verdicts: the check can fail
+    assert len(batches) > 1  # and the batch shrank as images got broken
+    one = int(exact[EPS[0]][0].flags.nonzero()[0])  # an image that goes through all four attacks
+    alone = run_autoattack(fast, x[one:one + 1], y[one:one + 1], eps=EPS[0], seed=0)
+    assert torch.equal(alone.flags, run_autoattack(model, x[one:one + 1], y[one:one + 1], eps=EPS[0], seed=0).flags)
+    assert [s.attack for s in alone.stats] == list(STANDARD) and fast.graphs == built
 
 
 def test_pass_counts_add_up_and_robust_images_cost_the_upper_bound(digits_model, exact):
@@ -98,3 +115,21 @@ def test_bf16_verdicts_are_rechecked_in_fp32_and_disagreements_reattacked():
     reattacked = [s for s in result.stats if s.precision == "fp32"]
     assert reattacked and reattacked[0].images == r.disagreed
     assert 0 <= r.flipped <= r.disagreed
+
+
+def test_passes_per_image_add_up_to_the_counted_passes(digits_model, exact):
+    """The projection's per-image passes: their sum is what was counted, and an image that survives every
+    attack costs each attack's fixed number of passes, plus pyautoattack's checks."""
+    from gnr.eval import image_passes
+    from gnr.eval.autoattack import CHECK_FORWARDS
+
+    for eps in EPS:
+        result = exact[eps][0]
+        passes = image_passes(result, 10)
+        assert sum(f for p in passes for f, _ in p.values()) == pytest.approx(sum(s.forward for s in result.stats))
+        assert sum(b for p in passes for _, b in p.values()) == pytest.approx(sum(s.backward for s in result.stats))
+        bound = upper_bound_passes(10)
+        for i in (i for i, o in enumerate(result.outcome) if o == "robust"):
+            assert {a: p for (a, _), p in passes[i].items()} == bound
+        assert [o != "robust" for o in result.outcome] == (~result.flags).tolist()
+    assert CHECK_FORWARDS == 7

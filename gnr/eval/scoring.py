@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from gnr import distributed
-from gnr.attacks import pgd
+from gnr.eval.attacks import pgd
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
