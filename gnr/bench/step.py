@@ -27,10 +27,10 @@ from gnr.config import RunConfig, validate
 from gnr.distributed import pick_device
 from gnr.doublegrad import fast_layer_counts
 from gnr.errors import GnrError
+from gnr.eval.scoring import autocast
 from gnr.models import build_model
 from gnr.objectives import OBJECTIVES
 from gnr.objectives.gradnorm import GradNorm
-from gnr.eval.scoring import autocast
 from gnr.step import TrainStep, build_train_step
 
 AMPS = ("auto", "bf16", "fp16", "none")
