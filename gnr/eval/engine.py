@@ -33,7 +33,7 @@ from gnr.eval import speed
 from gnr.eval.autoattack import PRECISIONS, STANDARD as STANDARD_ATTACKS, AttackStats, Recheck
 from gnr.eval.images import image_batches, load_ids
 from gnr.eval.phases import Phase, Phases
-from gnr.eval.progress import AttackProgress, BatchProgress, EvalPlan, Tracker
+from gnr.eval.progress import AttackProgress, BatchProgress, EvalPlan, ProgressTracker
 from gnr.eval.projection import add_efficiency, measure_passes, plan, work
 from gnr.eval.results import (BatchCache, EvalResult, accuracy_of, attack_table, cache_dir, local_table, log_to_run,
                               metric_prefix, recheck_table, sanity_warnings)
@@ -176,7 +176,7 @@ def _evaluate_shard(model: nn.Module, cfg: RunConfig, spec: EvalSpec, split: str
     shard = Shard()
     computed_images, computed_s = 0, 0.0
     total = _expected_images(cfg, spec, split, dist.world)
-    tracker = Tracker(total, phases.emit)
+    tracker = ProgressTracker(total, phases.emit)
     if dist.is_main:
         with phases.phase("model-pass probe"):
             projected = plan(model, cfg, spec, total, dist, settings)
@@ -214,7 +214,7 @@ def _expected_images(cfg: RunConfig, spec: EvalSpec, split: str, world: int) -> 
     return -(-min(chosen, available) // world)
 
 
-def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tracker: Tracker,
+def _attack_batch(model, x, y, keys, measures, spec: EvalSpec, shard: Shard, tracker: ProgressTracker,
                   phases: Phases) -> list[dict]:
     batch_seed = (spec.seed * 1_000_003 + zlib.crc32("\n".join(keys).encode())) % 2**63
     columns = {}

@@ -48,8 +48,7 @@ class AttackProgress:
     eta_s: float | None
 
 
-
-class Tracker:
+class ProgressTracker:
     """Turns finished attacks into :class:`AttackProgress` events: images through each attack so far,
     how many stayed robust, and an ETA from the seconds per computed image."""
 

@@ -104,8 +104,12 @@ def replayable_kinks(model: nn.Module) -> list[Kink]:
 
 @contextmanager
 def kinks_in(kinks: list[Kink], mode: str) -> Iterator[None]:
+    """Set every kink to ``mode``; a recording starts afresh, so a step that failed between its record and
+    its replay cannot hand its pieces to the next one."""
     for kink in kinks:
         kink.mode = mode
+        if mode == "record":
+            kink.pieces.clear()
     try:
         yield
     finally:

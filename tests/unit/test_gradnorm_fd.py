@@ -14,7 +14,8 @@ from gnr.bench.counter import CostCounter
 from gnr.config import ModelConfig, ObjectiveConfig
 from gnr.models import build_model
 from gnr.objectives import build_objective
-from gnr.objectives.gradnorm_fd import ReplayMaxPool2d, ReplayReLU, default_step, pass_precision
+from gnr.objectives.gradnorm_fd import (ReplayMaxPool2d, ReplayReLU, default_step, kinks_in, pass_precision,
+                                        replayable_kinks)
 
 # The loss is then the penalty's ‖∇ₓℓ‖₁ alone, and its parameter gradient the penalty's.
 PENALTY_ONLY = dict(lambda_ce=0.0, lambda_gn=1.0, eps=1.0, ramp_epochs=0.0)
@@ -205,3 +206,16 @@ def test_a_reused_kink_is_replayed_call_by_call_also_compiled():
     compiled = fd_steps(torch.compile(model), x, y)
     for (v, g), (cv, cg) in zip(eager, compiled):  # the same, but for rounding (divided by h)
         assert cv == pytest.approx(v, rel=1e-3) and error(cg, g) < 1e-3
+
+
+def test_a_step_that_failed_after_recording_leaves_nothing_for_the_next():
+    torch.manual_seed(0)
+    model = ReusedReLU().train()
+    x, y = torch.rand(4, 3, 12, 12), torch.softmax(torch.randn(4, CLASSES), 1)
+    expected = fd_steps(model, x, y, n=1)
+    kinks = replayable_kinks(model)
+    with kinks_in(kinks, "record"):  # a first pass whose step never reached its replay (e.g. out of memory)
+        model(torch.rand(4, 3, 12, 12))
+    assert all(k.pieces for k in kinks)
+    (value, grad), = fd_steps(model, x, y, n=1)
+    assert value == expected[0][0] and torch.equal(grad, expected[0][1])
